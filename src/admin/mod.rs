@@ -1,0 +1,104 @@
+//! The admin listener: health, readiness, metrics and provider status/control. It runs on
+//! the control runtime, apart from the proxy's threads, so a slow scrape never competes
+//! with proxied requests.
+
+mod providers;
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use subtle::ConstantTimeEq;
+
+use crate::gateway::Gateway;
+use crate::metrics;
+use crate::token::ProviderState;
+
+pub fn router(gateway: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .route("/admin/providers", get(providers::list))
+        .route("/admin/providers/{name}", get(providers::one))
+        .route("/admin/providers/{name}/refresh", post(providers::refresh))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(gateway.clone(), require_token))
+        .with_state(gateway)
+}
+
+/// Serve on an already-bound listener until the process exits.
+pub async fn serve(listener: std::net::TcpListener, gateway: Arc<Gateway>) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    axum::serve(listener, router(gateway)).await
+}
+
+/// When `admin.token` is set, every path but the probes needs `Authorization: Bearer …`,
+/// compared in constant time.
+async fn require_token(State(gw): State<Arc<Gateway>>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if path == "/healthz" || path == "/readyz" {
+        return next.run(req).await;
+    }
+    let active = gw.active();
+    if let Some(expected) = &active.settings.admin.token {
+        let presented =
+            req.headers().get(header::AUTHORIZATION).and_then(|v| v.as_bytes().strip_prefix(b"Bearer ")).unwrap_or(b"");
+        let ok: bool = presented.ct_eq(expected.expose().as_bytes()).into();
+        if !ok {
+            let mut r = error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this admin path needs `Authorization: Bearer <admin token>`",
+            );
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return r;
+        }
+    }
+    drop(active);
+    next.run(req).await
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// Ready when every provider holds a usable token: an app started behind tollgate then
+/// never sees a 503 for lack of one.
+async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
+    let active = gw.active();
+    let mut ready = true;
+    let mut states = serde_json::Map::new();
+    for (name, h) in &active.providers {
+        let state = h.cell.state();
+        ready &= matches!(state, ProviderState::Valid | ProviderState::Degraded);
+        states.insert(name.clone(), json!(state.as_str()));
+    }
+    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, Json(json!({"ready": ready, "providers": states}))).into_response()
+}
+
+async fn metrics_text(State(gw): State<Arc<Gateway>>) -> Response {
+    let m = metrics::get();
+    // Validity changes with time alone (a token expires while the IdP is down), so it is
+    // computed at scrape time rather than only when the refresher acts.
+    for (name, h) in &gw.active().providers {
+        m.token_valid.with_label_values(&[name]).set(h.cell.usable().is_some() as i64);
+        m.provider_awaiting_code.with_label_values(&[name]).set(h.cell.status().awaiting_code as i64);
+    }
+    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], m.encode()).into_response()
+}
+
+async fn not_found() -> Response {
+    error(StatusCode::NOT_FOUND, "not_found", "no such admin path")
+}
+
+pub(crate) fn error(code: StatusCode, error: &str, message: &str) -> Response {
+    (code, Json(json!({"error": error, "message": message}))).into_response()
+}

@@ -1,0 +1,158 @@
+//! The command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::{self, Settings, SourceSpec};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tollgate",
+    version,
+    about = "A token sidecar: obtains, refreshes and injects bearer tokens for the APIs your app calls."
+)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "TOLLGATE_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the proxy and the admin listener.
+    Run {
+        #[arg(long, short, env = "TOLLGATE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate a config and print the resolved routes and providers (secrets redacted).
+    Check {
+        #[arg(long, short, env = "TOLLGATE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Run a self-contained demonstration with a local token endpoint and echo upstream.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin_listen: SocketAddr,
+        /// Lifetime of the demo's tokens.
+        #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+        token_lifetime: Duration,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Check { config } => match config::load(&config) {
+            Ok(s) => {
+                print!("{}", describe(&s));
+                println!("config OK: {}", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: invalid configuration {}: {e}", config.display());
+                ExitCode::from(2)
+            }
+        },
+        Command::Run { config } => {
+            let settings = match config::load(&config) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: invalid configuration {}: {e}", config.display());
+                    return ExitCode::from(2);
+                }
+            };
+            let result = crate::server::control_runtime().and_then(|rt| crate::server::run(settings, Some(config), rt));
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Demo { listen, admin_listen, token_lifetime } => {
+            match crate::demo::run(listen, admin_listen, token_lifetime) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("TOLLGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// The resolved config for `tollgate check`. Secrets show as `<redacted>`.
+pub fn describe(s: &Settings) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "proxy: listen {} threads {} token_wait {:?} shutdown_timeout {:?}",
+        s.proxy.listen, s.proxy.threads, s.proxy.token_wait, s.proxy.shutdown_timeout
+    );
+    let _ = writeln!(
+        out,
+        "admin: listen {} token {}",
+        s.admin.listen,
+        if s.admin.token.is_some() { config::REDACTED } else { "(none)" }
+    );
+    for p in &s.providers {
+        match &p.source {
+            SourceSpec::OAuth2(o) => {
+                let _ = writeln!(
+                    out,
+                    "provider {}: oauth2 {:?} grant {:?} client_id {} client_secret {} client_auth {:?} encoding {:?} username {} password {}",
+                    p.name,
+                    o.token_url.as_str(),
+                    o.grant,
+                    o.client_id.as_deref().unwrap_or("(none)"),
+                    if o.client_secret.is_some() { config::REDACTED } else { "(none)" },
+                    o.client_auth,
+                    o.encoding,
+                    o.username.as_deref().unwrap_or("(none)"),
+                    if o.password.is_some() { config::REDACTED } else { "(none)" },
+                );
+            }
+        }
+    }
+    for r in &s.routes {
+        let _ = writeln!(
+            out,
+            "route {}: host {} path_prefix {} -> {} ({}) provider {} header {}",
+            r.name,
+            r.host.as_deref().unwrap_or("*"),
+            r.path_prefix,
+            r.upstream.url,
+            r.upstream.addr,
+            r.provider.as_deref().unwrap_or("(none: pass-through)"),
+            r.header_name,
+        );
+    }
+    out
+}

@@ -1,0 +1,54 @@
+//! Loading configuration: one TOML or YAML file plus `TOLLGATE_` environment overrides
+//! (`__` nests), merged by figment, then validated into [`Settings`].
+
+pub mod model;
+pub mod secret;
+pub mod settings;
+mod validate;
+
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Toml, Yaml};
+use figment::Figment;
+
+pub use secret::{Secret, SecretSource, REDACTED};
+pub use settings::*;
+
+/// A config problem, phrased for the operator: which key, from where, and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file `{path}`: {reason}")]
+    Read { path: PathBuf, reason: String },
+    #[error("{0}")]
+    Parse(String),
+    #[error("`{key}` (from {origin}): {reason}")]
+    Invalid { key: String, origin: String, reason: String },
+}
+
+/// The environment prefix for overrides.
+pub const ENV_PREFIX: &str = "TOLLGATE_";
+
+/// Load and validate the config at `path`, with environment overrides.
+pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+    if let Err(e) = std::fs::metadata(path) {
+        return Err(ConfigError::Read { path: path.to_path_buf(), reason: e.kind().to_string() });
+    }
+    let figment = figment_for(path);
+    validate::validate(&figment, path)
+}
+
+/// Load from a string (the demo's embedded config; tests).
+pub fn load_str(toml: &str, origin: &Path) -> Result<Settings, ConfigError> {
+    let figment = Figment::from(Toml::string(toml)).merge(env_provider());
+    validate::validate(&figment, origin)
+}
+
+fn figment_for(path: &Path) -> Figment {
+    let is_yaml = matches!(path.extension().and_then(|e| e.to_str()), Some("yaml") | Some("yml"));
+    let base = if is_yaml { Figment::from(Yaml::file_exact(path)) } else { Figment::from(Toml::file_exact(path)) };
+    base.merge(env_provider())
+}
+
+fn env_provider() -> Env {
+    Env::prefixed(ENV_PREFIX).split("__")
+}

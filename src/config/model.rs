@@ -1,0 +1,239 @@
+//! The config file's schema, exactly as users write it. Everything here is plain data
+//! with serde derives and `deny_unknown_fields`; meaning is given to it by
+//! [`super::validate`], which turns it into the settings the runtime uses.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::secret::SecretSource;
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub providers: BTreeMap<String, ProviderConfig>,
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    #[serde(default = "default_proxy_listen")]
+    pub listen: String,
+    #[serde(default = "default_threads")]
+    pub threads: usize,
+    /// How long a request may wait for a token before it is answered 503.
+    #[serde(default = "default_token_wait", with = "humantime_serde")]
+    pub token_wait: Duration,
+    /// Upper bound on draining in-flight requests after SIGTERM.
+    #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    #[serde(default)]
+    pub access_log: bool,
+    /// Upstream connect timeout.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub upstream_connect_timeout: Duration,
+    /// Upstream read timeout (per read, not the whole response).
+    #[serde(default = "default_read_timeout", with = "humantime_serde")]
+    pub upstream_read_timeout: Duration,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            listen: default_proxy_listen(),
+            threads: default_threads(),
+            token_wait: default_token_wait(),
+            shutdown_timeout: default_shutdown_timeout(),
+            access_log: false,
+            upstream_connect_timeout: default_connect_timeout(),
+            upstream_read_timeout: default_read_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    #[serde(default = "default_admin_listen")]
+    pub listen: String,
+    /// Bearer token required on every admin path except `/healthz` and `/readyz`.
+    #[serde(default)]
+    pub token: Option<SecretSource>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig { listen: default_admin_listen(), token: None }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderKind {
+    Oauth2,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Grant {
+    ClientCredentials,
+    Password,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Encoding {
+    #[default]
+    Form,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    #[default]
+    ClientSecretPost,
+    ClientSecretBasic,
+    None,
+}
+
+/// One identity provider. A flat table with a `kind`, validated per kind, rather than a
+/// serde-tagged enum: tagged enums and `flatten` defeat `deny_unknown_fields`, and flat
+/// keys map one-to-one onto `TOLLGATE_PROVIDERS__<NAME>__<KEY>` env overrides.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    pub kind: ProviderKind,
+    pub token_url: Option<String>,
+    pub grant: Option<Grant>,
+    pub client_id: Option<String>,
+    pub client_secret: Option<SecretSource>,
+    pub username: Option<String>,
+    pub password: Option<SecretSource>,
+    #[serde(default)]
+    pub encoding: Encoding,
+    #[serde(default)]
+    pub client_auth: ClientAuth,
+    pub scope: Option<String>,
+    pub audience: Option<String>,
+    #[serde(default)]
+    pub extra_params: BTreeMap<String, String>,
+    #[serde(default)]
+    pub extra_headers: BTreeMap<String, String>,
+    /// Use the refresh_token grant when the IdP issued a refresh token.
+    #[serde(default = "yes")]
+    pub use_refresh_token: bool,
+
+    /// Refresh at the latest this long before expiry (the schedule also refreshes at
+    /// 80 % of the lifetime, whichever comes first).
+    #[serde(default, with = "humantime_serde")]
+    pub refresh_before: Option<Duration>,
+    /// Lifetime assumed when the IdP gives neither `expires_in` nor a JWT `exp`.
+    #[serde(default, with = "humantime_serde")]
+    pub lifetime: Option<Duration>,
+    /// Cap on any lifetime the IdP claims (an absurd `expires_in` is not trusted).
+    #[serde(default, with = "humantime_serde")]
+    pub max_lifetime: Option<Duration>,
+    /// A token is not injected during its last `expiry_margin` (it could expire in flight).
+    #[serde(default, with = "humantime_serde")]
+    pub expiry_margin: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub connect_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub backoff_min: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub backoff_max: Option<Duration>,
+    /// PEM file with extra CA certificates trusted for the token endpoint.
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthorizationPolicy {
+    /// Replace whatever the client sent (default; the client never holds credentials).
+    #[default]
+    Overwrite,
+    /// Keep the client's own header when it sent one; inject otherwise.
+    Keep,
+    /// Answer 400 when the client sends the header itself.
+    Reject,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub name: Option<String>,
+    /// Match on the request's Host (port ignored, case-insensitive). Absent: any host.
+    pub host: Option<String>,
+    #[serde(default = "default_path_prefix")]
+    pub path_prefix: String,
+    /// Remove `path_prefix` from the path before forwarding.
+    #[serde(default)]
+    pub strip_prefix: bool,
+    pub upstream: String,
+    pub provider: Option<String>,
+    #[serde(default = "default_header_name")]
+    pub header_name: String,
+    #[serde(default = "default_header_prefix")]
+    pub header_prefix: String,
+    #[serde(default)]
+    pub authorization: AuthorizationPolicy,
+    /// Forward the client's Host header instead of the upstream's authority.
+    #[serde(default)]
+    pub preserve_host: bool,
+    /// Static headers added to every request on this route.
+    #[serde(default)]
+    pub set_headers: BTreeMap<String, String>,
+    /// PEM file with extra CA certificates trusted for this upstream.
+    pub ca_file: Option<PathBuf>,
+    /// TLS server name, when it differs from the upstream URL's host.
+    pub sni: Option<String>,
+    /// Turn off certificate verification (for test rigs only; logged loudly).
+    #[serde(default = "yes")]
+    pub tls_verify: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_proxy_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+fn default_admin_listen() -> String {
+    "127.0.0.1:9090".into()
+}
+fn default_threads() -> usize {
+    1
+}
+fn default_token_wait() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_read_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_path_prefix() -> String {
+    "/".into()
+}
+fn default_header_name() -> String {
+    "Authorization".into()
+}
+fn default_header_prefix() -> String {
+    "Bearer ".into()
+}

@@ -1,0 +1,146 @@
+//! Validated settings: what the runtime consumes. Built only by [`super::validate`], so
+//! every value here has been checked, every secret resolved and every address parsed.
+//! `PartialEq` lets a reload tell which providers really changed (secrets included).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue};
+
+use super::model::{AuthorizationPolicy, ClientAuth, Encoding, Grant};
+use super::secret::Secret;
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub proxy: ProxySettings,
+    pub admin: AdminSettings,
+    pub providers: Vec<ProviderSpec>,
+    pub routes: Vec<RouteSpec>,
+    /// The config file itself and every secret file, for the reload watcher.
+    pub watched_files: Vec<PathBuf>,
+}
+
+impl Settings {
+    pub fn provider(&self, name: &str) -> Option<&ProviderSpec> {
+        self.providers.iter().find(|p| p.name == name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProxySettings {
+    pub listen: SocketAddr,
+    pub threads: usize,
+    pub token_wait: Duration,
+    pub shutdown_timeout: Duration,
+    pub access_log: bool,
+    pub upstream_connect_timeout: Duration,
+    pub upstream_read_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminSettings {
+    pub listen: SocketAddr,
+    pub token: Option<Secret>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProviderSpec {
+    pub name: String,
+    pub source: SourceSpec,
+    pub timing: Timing,
+    pub http: HttpClientSpec,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceSpec {
+    OAuth2(OAuth2Spec),
+}
+
+impl SourceSpec {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SourceSpec::OAuth2(_) => "oauth2",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct OAuth2Spec {
+    pub token_url: url::Url,
+    pub grant: Grant,
+    pub client_id: Option<String>,
+    pub client_secret: Option<Secret>,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub encoding: Encoding,
+    pub client_auth: ClientAuth,
+    pub scope: Option<String>,
+    pub audience: Option<String>,
+    pub extra_params: Vec<(String, String)>,
+    pub extra_headers: Vec<(HeaderName, HeaderValue)>,
+    pub use_refresh_token: bool,
+}
+
+/// When to refresh and how to back off. Defaults are chosen for IdPs issuing tokens of
+/// minutes to hours; tests shrink them to seconds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Timing {
+    pub refresh_before: Duration,
+    pub default_lifetime: Option<Duration>,
+    pub max_lifetime: Duration,
+    pub expiry_margin: Duration,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            refresh_before: Duration::from_secs(60),
+            default_lifetime: None,
+            max_lifetime: Duration::from_secs(24 * 3600),
+            expiry_margin: Duration::from_secs(5),
+            backoff_min: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpClientSpec {
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteSpec {
+    pub name: String,
+    pub host: Option<String>,
+    pub path_prefix: String,
+    pub strip_prefix: bool,
+    pub upstream: UpstreamSpec,
+    pub provider: Option<String>,
+    pub header_name: HeaderName,
+    pub header_prefix: String,
+    pub authorization: AuthorizationPolicy,
+    pub preserve_host: bool,
+    pub set_headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamSpec {
+    /// As written, for `tollgate check` and logs.
+    pub url: String,
+    pub tls: bool,
+    /// Resolved once at load time: the request path must not block on DNS.
+    pub addr: SocketAddr,
+    /// `host[:port]` for the Host header when the client's is not preserved.
+    pub authority: HeaderValue,
+    pub sni: String,
+    /// Path prepended to every forwarded path ("" when the URL has none).
+    pub base_path: String,
+    pub ca_file: Option<PathBuf>,
+    pub tls_verify: bool,
+}

@@ -1,0 +1,432 @@
+//! Turns the raw file schema into [`Settings`], or into an error that names the key,
+//! where the value came from (file path or environment variable) and what was expected.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::{Figment, Profile};
+use http::{HeaderName, HeaderValue};
+
+use super::model::{ClientAuth, FileConfig, Grant, ProviderConfig, ProviderKind, RouteConfig};
+use super::secret::{Secret, SecretSource};
+use super::settings::*;
+use super::ConfigError;
+
+/// Extract and validate.
+pub(super) fn validate(figment: &Figment, path: &Path) -> Result<Settings, ConfigError> {
+    let raw: FileConfig = figment.extract().map_err(|e| ConfigError::Parse(describe_figment(e)))?;
+    let v = Validator { figment, path };
+    v.settings(raw)
+}
+
+/// figment's own messages already name the key and the source; join all of them (it may
+/// report several problems at once) into one readable paragraph.
+fn describe_figment(e: figment::Error) -> String {
+    e.into_iter()
+        .map(|e| {
+            let mut s = e.kind.to_string();
+            if !e.path.is_empty() {
+                s = format!("`{}`: {s}", e.path.join("."));
+            }
+            match &e.metadata {
+                Some(md) => {
+                    let origin = match &md.source {
+                        Some(src) => format!("{src}"),
+                        None => md.name.to_string(),
+                    };
+                    let origin = if md.name.contains("environment") {
+                        let keys: Vec<&str> = e.path.iter().map(String::as_str).collect();
+                        format!("environment variable {}", md.interpolate(&Profile::Default, &keys))
+                    } else {
+                        origin
+                    };
+                    format!("{s} (from {origin})")
+                }
+                None => s,
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+struct Validator<'a> {
+    figment: &'a Figment,
+    path: &'a Path,
+}
+
+impl Validator<'_> {
+    /// Where `key` was set: the env var that overrode it, else the file.
+    fn origin(&self, key: &str) -> String {
+        match self.figment.find_metadata(key) {
+            Some(md) if md.name.contains("environment") => {
+                let keys: Vec<&str> = key.split('.').collect();
+                format!("environment variable {}", md.interpolate(&Profile::Default, &keys))
+            }
+            Some(md) => match &md.source {
+                Some(src) => format!("{src}"),
+                None => self.path.display().to_string(),
+            },
+            None => self.path.display().to_string(),
+        }
+    }
+
+    fn err(&self, key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+        let key = key.into();
+        ConfigError::Invalid { origin: self.origin(&key), key, reason: reason.into() }
+    }
+
+    fn settings(&self, raw: FileConfig) -> Result<Settings, ConfigError> {
+        let mut watched = vec![self.path.to_path_buf()];
+
+        let proxy = ProxySettings {
+            listen: self.socket_addr("proxy.listen", &raw.proxy.listen)?,
+            threads: match raw.proxy.threads {
+                0 => return Err(self.err("proxy.threads", "must be at least 1")),
+                n => n,
+            },
+            token_wait: raw.proxy.token_wait,
+            shutdown_timeout: raw.proxy.shutdown_timeout,
+            access_log: raw.proxy.access_log,
+            upstream_connect_timeout: self
+                .nonzero("proxy.upstream_connect_timeout", raw.proxy.upstream_connect_timeout)?,
+            upstream_read_timeout: self.nonzero("proxy.upstream_read_timeout", raw.proxy.upstream_read_timeout)?,
+        };
+
+        let admin_listen = self.socket_addr("admin.listen", &raw.admin.listen)?;
+        let admin_token = match &raw.admin.token {
+            Some(src) => Some(self.secret("admin.token", src, &mut watched)?),
+            None => None,
+        };
+        if !admin_listen.ip().is_loopback() && admin_token.is_none() {
+            return Err(self.err(
+                "admin.listen",
+                format!("{admin_listen} is not a loopback address; set `admin.token` to expose the admin API beyond this host"),
+            ));
+        }
+        if admin_listen == proxy.listen {
+            return Err(self.err("admin.listen", "must differ from `proxy.listen`"));
+        }
+
+        let mut providers = Vec::new();
+        for (name, p) in &raw.providers {
+            providers.push(self.provider(name, p, &mut watched)?);
+        }
+
+        let mut routes: Vec<RouteSpec> = Vec::new();
+        for (i, r) in raw.routes.iter().enumerate() {
+            let route = self.route(i, r, &raw)?;
+            if routes.iter().any(|o| o.name == route.name) {
+                return Err(self.err(format!("routes.{i}.name"), format!("duplicate route name `{}`", route.name)));
+            }
+            routes.push(route);
+        }
+        if routes.is_empty() {
+            return Err(self.err("routes", "at least one `[[routes]]` entry is required"));
+        }
+
+        Ok(Settings {
+            proxy,
+            admin: AdminSettings { listen: admin_listen, token: admin_token },
+            providers,
+            routes,
+            watched_files: watched,
+        })
+    }
+
+    fn socket_addr(&self, key: &str, s: &str) -> Result<SocketAddr, ConfigError> {
+        s.parse().map_err(|_| self.err(key, format!("`{s}` is not an IP:port socket address")))
+    }
+
+    fn nonzero(&self, key: &str, d: Duration) -> Result<Duration, ConfigError> {
+        if d.is_zero() {
+            Err(self.err(key, "must be greater than zero"))
+        } else {
+            Ok(d)
+        }
+    }
+
+    fn secret(&self, key: &str, src: &SecretSource, watched: &mut Vec<PathBuf>) -> Result<Secret, ConfigError> {
+        if let Some(f) = src.file() {
+            watched.push(f.to_path_buf());
+        }
+        src.resolve().map_err(|e| self.err(key, e.to_string()))
+    }
+
+    fn provider(
+        &self,
+        name: &str,
+        p: &ProviderConfig,
+        watched: &mut Vec<PathBuf>,
+    ) -> Result<ProviderSpec, ConfigError> {
+        let key = |k: &str| format!("providers.{name}.{k}");
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+            return Err(
+                self.err(format!("providers.{name}"), "provider names may use only ASCII letters, digits, `_` and `-`")
+            );
+        }
+        let defaults = Timing::default();
+        let timing = Timing {
+            refresh_before: p.refresh_before.unwrap_or(defaults.refresh_before),
+            default_lifetime: p.lifetime,
+            max_lifetime: p.max_lifetime.unwrap_or(defaults.max_lifetime),
+            expiry_margin: p.expiry_margin.unwrap_or(defaults.expiry_margin),
+            backoff_min: p.backoff_min.unwrap_or(defaults.backoff_min),
+            backoff_max: p.backoff_max.unwrap_or(defaults.backoff_max),
+        };
+        if timing.backoff_min.is_zero() {
+            return Err(self.err(key("backoff_min"), "must be greater than zero"));
+        }
+        if timing.backoff_min > timing.backoff_max {
+            return Err(self.err(key("backoff_max"), "must not be smaller than `backoff_min`"));
+        }
+        if timing.max_lifetime.is_zero() {
+            return Err(self.err(key("max_lifetime"), "must be greater than zero"));
+        }
+        if let Some(l) = timing.default_lifetime {
+            if l.is_zero() {
+                return Err(self.err(key("lifetime"), "must be greater than zero"));
+            }
+        }
+        let http = HttpClientSpec {
+            timeout: self.nonzero(&key("timeout"), p.timeout.unwrap_or(Duration::from_secs(10)))?,
+            connect_timeout: self
+                .nonzero(&key("connect_timeout"), p.connect_timeout.unwrap_or(Duration::from_secs(5)))?,
+            ca_file: p.ca_file.clone(),
+        };
+        if let Some(ca) = &http.ca_file {
+            if let Err(e) = std::fs::metadata(ca) {
+                return Err(self.err(key("ca_file"), format!("cannot read `{}`: {}", ca.display(), e.kind())));
+            }
+        }
+
+        let source = match p.kind {
+            ProviderKind::Oauth2 => SourceSpec::OAuth2(self.oauth2(name, p, watched)?),
+        };
+        Ok(ProviderSpec { name: name.to_string(), source, timing, http })
+    }
+
+    fn oauth2(&self, name: &str, p: &ProviderConfig, watched: &mut Vec<PathBuf>) -> Result<OAuth2Spec, ConfigError> {
+        let key = |k: &str| format!("providers.{name}.{k}");
+        let token_url = match &p.token_url {
+            Some(u) => self.http_url(&key("token_url"), u)?,
+            None => return Err(self.err(key("token_url"), "is required for kind `oauth2`")),
+        };
+        let grant = p.grant.unwrap_or(Grant::ClientCredentials);
+        let client_secret = match &p.client_secret {
+            Some(s) => Some(self.secret(&key("client_secret"), s, watched)?),
+            None => None,
+        };
+        let password = match &p.password {
+            Some(s) => Some(self.secret(&key("password"), s, watched)?),
+            None => None,
+        };
+        match grant {
+            Grant::Password => {
+                if p.username.is_none() {
+                    return Err(self.err(key("username"), "is required with `grant = \"password\"`"));
+                }
+                if password.is_none() {
+                    return Err(self.err(key("password"), "is required with `grant = \"password\"`"));
+                }
+            }
+            Grant::ClientCredentials => {
+                if p.username.is_some() || password.is_some() {
+                    return Err(
+                        self.err(key("username"), "`username`/`password` are only used with `grant = \"password\"`")
+                    );
+                }
+                if p.client_id.is_none() {
+                    return Err(self.err(key("client_id"), "is required with `grant = \"client_credentials\"`"));
+                }
+            }
+        }
+        match p.client_auth {
+            ClientAuth::ClientSecretBasic | ClientAuth::ClientSecretPost => {
+                if p.client_id.is_some() && client_secret.is_none() {
+                    return Err(self
+                        .err(key("client_secret"), "is required with a `client_id` unless `client_auth = \"none\"`"));
+                }
+            }
+            ClientAuth::None => {
+                if client_secret.is_some() {
+                    return Err(self.err(key("client_secret"), "is set but `client_auth = \"none\"` would not send it"));
+                }
+            }
+        }
+        let mut extra_headers = Vec::new();
+        for (k, v) in &p.extra_headers {
+            extra_headers.push(self.header(&key(&format!("extra_headers.{k}")), k, v)?);
+        }
+        Ok(OAuth2Spec {
+            token_url,
+            grant,
+            client_id: p.client_id.clone(),
+            client_secret,
+            username: p.username.clone(),
+            password,
+            encoding: p.encoding,
+            client_auth: p.client_auth,
+            scope: p.scope.clone(),
+            audience: p.audience.clone(),
+            extra_params: p.extra_params.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            extra_headers,
+            use_refresh_token: p.use_refresh_token,
+        })
+    }
+
+    fn http_url(&self, key: &str, s: &str) -> Result<url::Url, ConfigError> {
+        let u = url::Url::parse(s).map_err(|e| self.err(key, format!("`{s}` is not a valid URL: {e}")))?;
+        if u.scheme() != "http" && u.scheme() != "https" {
+            return Err(self.err(key, format!("scheme `{}` is not supported; use http or https", u.scheme())));
+        }
+        if u.host_str().is_none() {
+            return Err(self.err(key, format!("`{s}` has no host")));
+        }
+        Ok(u)
+    }
+
+    fn header(&self, key: &str, name: &str, value: &str) -> Result<(HeaderName, HeaderValue), ConfigError> {
+        let n = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| self.err(key, format!("`{name}` is not a valid header name")))?;
+        let v = HeaderValue::from_str(value).map_err(|_| self.err(key, "is not a valid header value"))?;
+        Ok((n, v))
+    }
+
+    fn route(&self, i: usize, r: &RouteConfig, raw: &FileConfig) -> Result<RouteSpec, ConfigError> {
+        let key = |k: &str| format!("routes.{i}.{k}");
+        let name = r.name.clone().unwrap_or_else(|| format!("route{i}"));
+        if !r.path_prefix.starts_with('/') {
+            return Err(self.err(key("path_prefix"), format!("`{}` must start with `/`", r.path_prefix)));
+        }
+        if let Some(p) = &r.provider {
+            if !raw.providers.contains_key(p) {
+                let known: Vec<&str> = raw.providers.keys().map(String::as_str).collect();
+                return Err(self.err(
+                    key("provider"),
+                    format!(
+                        "unknown provider `{p}` (defined: {})",
+                        if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                    ),
+                ));
+            }
+        }
+        let header_name = HeaderName::from_bytes(r.header_name.as_bytes())
+            .map_err(|_| self.err(key("header_name"), format!("`{}` is not a valid header name", r.header_name)))?;
+        if HeaderValue::from_str(&r.header_prefix).is_err() {
+            return Err(self.err(key("header_prefix"), "is not a valid header value"));
+        }
+        let mut set_headers = Vec::new();
+        for (k, v) in &r.set_headers {
+            set_headers.push(self.header(&key(&format!("set_headers.{k}")), k, v)?);
+        }
+        if let Some(ca) = &r.ca_file {
+            if let Err(e) = std::fs::metadata(ca) {
+                return Err(self.err(key("ca_file"), format!("cannot read `{}`: {}", ca.display(), e.kind())));
+            }
+        }
+        Ok(RouteSpec {
+            name,
+            host: r.host.as_ref().map(|h| h.to_ascii_lowercase()),
+            path_prefix: r.path_prefix.clone(),
+            strip_prefix: r.strip_prefix,
+            upstream: self.upstream(&key("upstream"), r)?,
+            provider: r.provider.clone(),
+            header_name,
+            header_prefix: r.header_prefix.clone(),
+            authorization: r.authorization,
+            preserve_host: r.preserve_host,
+            set_headers,
+        })
+    }
+
+    fn upstream(&self, key: &str, r: &RouteConfig) -> Result<UpstreamSpec, ConfigError> {
+        let u = self.http_url(key, &r.upstream)?;
+        let tls = u.scheme() == "https";
+        let host = u.host_str().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_string();
+        let port = u.port_or_known_default().unwrap_or(if tls { 443 } else { 80 });
+        let addr = (host.as_str(), port)
+            .to_socket_addrs()
+            .map_err(|e| self.err(key, format!("cannot resolve `{host}`: {e}")))?
+            .next()
+            .ok_or_else(|| self.err(key, format!("`{host}` resolved to no address")))?;
+        let authority = match u.port() {
+            Some(p) => format!("{}:{p}", u.host_str().unwrap_or_default()),
+            None => u.host_str().unwrap_or_default().to_string(),
+        };
+        let authority =
+            HeaderValue::from_str(&authority).map_err(|_| self.err(key, "host is not a valid Host header"))?;
+        if u.query().is_some() || u.fragment().is_some() {
+            return Err(self.err(key, "must not have a query or fragment"));
+        }
+        Ok(UpstreamSpec {
+            url: r.upstream.clone(),
+            tls,
+            addr,
+            authority,
+            sni: r.sni.clone().unwrap_or(host),
+            base_path: u.path().trim_end_matches('/').to_string(),
+            ca_file: r.ca_file.clone(),
+            tls_verify: r.tls_verify,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::load_str;
+    use std::path::Path;
+
+    const BASE: &str = r#"
+        [providers.backend]
+        kind = "oauth2"
+        token_url = "http://127.0.0.1:1/token"
+        client_id = "abc123"
+        client_secret = "456789"
+        [[routes]]
+        upstream = "http://127.0.0.1:2"
+        provider = "backend"
+    "#;
+
+    fn err(toml: &str) -> String {
+        load_str(toml, Path::new("t.toml")).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn base_config_is_valid() {
+        let s = load_str(BASE, Path::new("t.toml")).unwrap();
+        assert_eq!(s.routes[0].name, "route0");
+        assert_eq!(s.routes[0].upstream.addr.port(), 2);
+        assert_eq!(s.providers[0].name, "backend");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = err(&format!("{BASE}\n[proxy]\nlisten_typo = 1\n"));
+        assert!(e.contains("listen_typo"), "{e}");
+    }
+
+    #[test]
+    fn unknown_provider_in_route_is_named() {
+        let e = err(&BASE.replace("provider = \"backend\"", "provider = \"nope\""));
+        assert!(e.contains("routes.0.provider") && e.contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn bad_url_is_named() {
+        let e = err(&BASE.replace("http://127.0.0.1:1/token", "not a url"));
+        assert!(e.contains("providers.backend.token_url"), "{e}");
+    }
+
+    #[test]
+    fn admin_on_public_address_needs_token() {
+        let e = err(&format!("{BASE}\n[admin]\nlisten = \"0.0.0.0:9090\"\n"));
+        assert!(e.contains("admin.listen") && e.contains("admin.token"), "{e}");
+    }
+
+    #[test]
+    fn error_does_not_echo_secret() {
+        let e = err(&BASE.replace("client_id = \"abc123\"", "client_id = \"abc123\"\ngrant = \"password\""));
+        assert!(!e.contains("456789"), "{e}");
+    }
+}

@@ -1,0 +1,163 @@
+//! The running configuration: routes, providers and their refresher tasks, swapped as a
+//! whole through `ArcSwap` so that a reload never exposes a half-applied config.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use pingora::tls::x509::X509;
+use pingora::upstreams::peer::HttpPeer;
+use tokio::runtime::Handle;
+use tokio::sync::watch;
+
+use crate::config::{ProviderSpec, RouteSpec, Settings};
+use crate::proxy::router::{RouteEntry, Router};
+use crate::token::refresher::Refresher;
+use crate::token::TokenCell;
+
+/// A provider with its running refresher. Dropping the last handle stops the refresher
+/// (its shutdown sender goes away), which is how a reload retires a changed provider.
+pub struct ProviderHandle {
+    pub spec: ProviderSpec,
+    pub cell: Arc<TokenCell>,
+    _stop: watch::Sender<bool>,
+}
+
+/// One consistent view of the configuration.
+pub struct Active {
+    pub settings: Arc<Settings>,
+    pub router: Router,
+    pub providers: BTreeMap<String, Arc<ProviderHandle>>,
+}
+
+/// Errors building the runtime view (beyond what config validation catches).
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("provider `{0}`: {1}")]
+    Provider(String, String),
+    #[error("route `{0}`: {1}")]
+    Route(String, String),
+}
+
+pub struct Gateway {
+    active: ArcSwap<Active>,
+    handle: Handle,
+    inflight: AtomicUsize,
+}
+
+impl Gateway {
+    /// Build and start refreshers on `handle` (the control runtime).
+    pub fn start(settings: Settings, handle: Handle) -> Result<Arc<Self>, BuildError> {
+        let active = build(Arc::new(settings), &BTreeMap::new(), &handle)?;
+        Ok(Arc::new(Gateway { active: ArcSwap::from_pointee(active), handle, inflight: AtomicUsize::new(0) }))
+    }
+
+    #[inline]
+    pub fn active(&self) -> arc_swap::Guard<Arc<Active>> {
+        self.active.load()
+    }
+
+    pub fn snapshot(&self) -> Arc<Active> {
+        self.active.load_full()
+    }
+
+    /// Swap in a new configuration. Providers whose spec (secrets included) is unchanged
+    /// keep their cell, token and refresher; the others start afresh.
+    pub fn reload(&self, settings: Settings) -> Result<ReloadSummary, BuildError> {
+        let old = self.active.load_full();
+        let next = build(Arc::new(settings), &old.providers, &self.handle)?;
+        let kept =
+            next.providers.iter().filter(|(n, h)| old.providers.get(*n).is_some_and(|o| Arc::ptr_eq(o, h))).count();
+        let summary = ReloadSummary { providers: next.providers.len(), kept, routes: next.router.entries().len() };
+        self.active.store(Arc::new(next));
+        Ok(summary)
+    }
+
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn enter(self: &Arc<Self>) -> InflightGuard {
+        self.inflight.fetch_add(1, Ordering::AcqRel);
+        InflightGuard(Arc::clone(self))
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ReloadSummary {
+    pub providers: usize,
+    pub kept: usize,
+    pub routes: usize,
+}
+
+/// Counts a request as in flight until dropped (graceful drain waits for zero).
+pub struct InflightGuard(Arc<Gateway>);
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn build(
+    settings: Arc<Settings>,
+    previous: &BTreeMap<String, Arc<ProviderHandle>>,
+    handle: &Handle,
+) -> Result<Active, BuildError> {
+    let mut providers = BTreeMap::new();
+    for spec in &settings.providers {
+        let reused = previous.get(&spec.name).filter(|h| h.spec == *spec).cloned();
+        let h = match reused {
+            Some(h) => h,
+            None => Arc::new(start_provider(spec, &header_prefix(&settings, spec), handle)?),
+        };
+        providers.insert(spec.name.clone(), h);
+    }
+    let mut entries = Vec::new();
+    for r in &settings.routes {
+        let cell = r.provider.as_ref().and_then(|p| providers.get(p)).map(|h| Arc::clone(&h.cell));
+        entries.push(RouteEntry { peer: peer_for(r, &settings)?, spec: r.clone(), cell });
+    }
+    Ok(Active { router: Router::new(entries), providers, settings })
+}
+
+/// The header prefix a provider's tokens are rendered with. Routes name the header; the
+/// prefix is the provider's (`Bearer ` unless a route using it says otherwise).
+fn header_prefix(settings: &Settings, spec: &ProviderSpec) -> String {
+    settings
+        .routes
+        .iter()
+        .find(|r| r.provider.as_deref() == Some(spec.name.as_str()))
+        .map(|r| r.header_prefix.clone())
+        .unwrap_or_else(|| "Bearer ".to_string())
+}
+
+fn start_provider(spec: &ProviderSpec, prefix: &str, handle: &Handle) -> Result<ProviderHandle, BuildError> {
+    let source = crate::provider::build(spec).map_err(|e| BuildError::Provider(spec.name.clone(), e.detail))?;
+    let cell = TokenCell::new(spec.name.clone());
+    let (stop, stop_rx) = watch::channel(false);
+    let refresher =
+        Refresher { cell: Arc::clone(&cell), source, timing: spec.timing.clone(), header_prefix: prefix.to_string() };
+    handle.spawn(refresher.run(stop_rx));
+    Ok(ProviderHandle { spec: spec.clone(), cell, _stop: stop })
+}
+
+fn peer_for(r: &RouteSpec, settings: &Settings) -> Result<HttpPeer, BuildError> {
+    let u = &r.upstream;
+    let mut peer = HttpPeer::new(u.addr, u.tls, u.sni.clone());
+    peer.options.connection_timeout = Some(settings.proxy.upstream_connect_timeout);
+    peer.options.read_timeout = Some(settings.proxy.upstream_read_timeout);
+    peer.options.verify_cert = u.tls_verify;
+    peer.options.verify_hostname = u.tls_verify;
+    if let Some(ca) = &u.ca_file {
+        let pem = std::fs::read(ca).map_err(|e| {
+            BuildError::Route(r.name.clone(), format!("cannot read ca_file {}: {}", ca.display(), e.kind()))
+        })?;
+        let certs = X509::stack_from_pem(&pem).map_err(|_| {
+            BuildError::Route(r.name.clone(), format!("ca_file {} holds no valid PEM certificate", ca.display()))
+        })?;
+        peer.options.ca = Some(Arc::new(certs.into_boxed_slice()));
+    }
+    Ok(peer)
+}

@@ -1,0 +1,20 @@
+//! tollgate: a token sidecar. It sits between an app and the APIs it calls, obtains
+//! bearer tokens from identity providers, keeps them fresh, and adds them to every
+//! proxied request.
+//!
+//! Data flow: [`config`] → [`provider`] (token sources) → [`token`] cells, filled by
+//! refreshers → read lock-free by the [`proxy`] on every request. The [`admin`] listener
+//! exposes health, readiness, metrics and provider state; [`gateway`] holds the running
+//! configuration and swaps it on reload.
+
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod gateway;
+pub mod metrics;
+pub mod provider;
+pub mod proxy;
+pub mod server;
+pub mod testkit;
+pub mod token;

@@ -1,0 +1,146 @@
+//! Prometheus metrics. One process-wide registry (not the `prometheus` crate's default
+//! one, so nothing a dependency registers leaks into our exposition).
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub token_fetch_total: IntCounterVec,
+    pub token_fetch_duration: HistogramVec,
+    pub token_expiry_timestamp: GaugeVec,
+    pub token_valid: IntGaugeVec,
+    pub token_fetch_consecutive_failures: IntGaugeVec,
+    pub provider_awaiting_code: IntGaugeVec,
+    pub token_unavailable_total: IntCounterVec,
+    pub requests_total: IntCounterVec,
+    pub upstream_duration: HistogramVec,
+    pub config_reload_total: IntCounterVec,
+    pub upstream_auth_rejected_total: IntCounterVec,
+    pub build_info: IntGaugeVec,
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// The process-wide metrics.
+pub fn get() -> &'static Metrics {
+    &METRICS
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition");
+            registry.register(Box::new(c.clone())).expect("metric registered once");
+            c
+        };
+        let igauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric definition");
+            registry.register(Box::new(g.clone())).expect("metric registered once");
+            g
+        };
+        let hist = |name: &str, help: &str, labels: &[&str], buckets: Vec<f64>| {
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+                .expect("static metric definition");
+            registry.register(Box::new(h.clone())).expect("metric registered once");
+            h
+        };
+        let token_expiry_timestamp = GaugeVec::new(
+            Opts::new(
+                "tollgate_token_expiry_timestamp_seconds",
+                "Unix time at which the provider's current token expires.",
+            ),
+            &["provider"],
+        )
+        .expect("static metric definition");
+        registry.register(Box::new(token_expiry_timestamp.clone())).expect("metric registered once");
+
+        let m = Metrics {
+            token_fetch_total: counter(
+                "tollgate_token_fetch_total",
+                "Token requests to identity providers, by outcome (success or error class).",
+                &["provider", "outcome"],
+            ),
+            token_fetch_duration: hist(
+                "tollgate_token_fetch_duration_seconds",
+                "Duration of token requests to identity providers.",
+                &["provider"],
+                vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+            ),
+            token_expiry_timestamp,
+            token_valid: igauge(
+                "tollgate_token_valid",
+                "1 when the provider holds a token that may be injected.",
+                &["provider"],
+            ),
+            token_fetch_consecutive_failures: igauge(
+                "tollgate_token_fetch_consecutive_failures",
+                "Token requests that failed in a row since the last success.",
+                &["provider"],
+            ),
+            provider_awaiting_code: igauge(
+                "tollgate_provider_awaiting_code",
+                "1 while the provider waits for a human to supply a one-time code.",
+                &["provider"],
+            ),
+            token_unavailable_total: counter(
+                "tollgate_token_unavailable_total",
+                "Requests answered 503 because no valid token could be had in time.",
+                &["provider"],
+            ),
+            requests_total: counter(
+                "tollgate_requests_total",
+                "Proxied requests by route and response status.",
+                &["route", "status"],
+            ),
+            upstream_duration: hist(
+                "tollgate_upstream_duration_seconds",
+                "Time from the start of a proxied request to the end of its response.",
+                &["route"],
+                vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
+            ),
+            config_reload_total: counter(
+                "tollgate_config_reload_total",
+                "Configuration reloads by outcome.",
+                &["outcome"],
+            ),
+            upstream_auth_rejected_total: counter(
+                "tollgate_upstream_auth_rejected_total",
+                "Upstream responses rejecting the injected token (401), by route.",
+                &["route"],
+            ),
+            build_info: igauge("tollgate_build_info", "Build information; always 1.", &["version"]),
+            registry,
+        };
+        m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        m
+    }
+
+    /// Make every per-provider series exist from the start (a counter that appears only
+    /// on the first failure breaks `rate()` and alerts).
+    pub fn init_provider(&self, provider: &str) {
+        self.token_fetch_total.with_label_values(&[provider, "success"]);
+        for class in crate::provider::ErrorClass::ALL {
+            self.token_fetch_total.with_label_values(&[provider, class.as_str()]);
+        }
+        self.token_valid.with_label_values(&[provider]).set(0);
+        self.token_fetch_consecutive_failures.with_label_values(&[provider]).set(0);
+        self.provider_awaiting_code.with_label_values(&[provider]).set(0);
+        self.token_unavailable_total.with_label_values(&[provider]);
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(8 * 1024);
+        // Encoding only fails on a writer error, and Vec never errors.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        buf
+    }
+}
+
+/// The exposition's content type.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";

@@ -1,0 +1,282 @@
+//! The proxy: pingora's `ProxyHttp` filters, in request order.
+//!
+//! `request_filter` picks the route and makes sure a token is available (waiting on the
+//! provider's single flight if needed); `upstream_request_filter`, which pingora runs on
+//! every attempt, inserts the provider's *current* header, so a retry carries the newest
+//! token.
+
+pub mod respond;
+pub mod router;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use http::header::{HOST, PROXY_AUTHORIZATION};
+use pingora::http::RequestHeader;
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::{Error, ErrorSource, ErrorType};
+use serde_json::json;
+use tracing::warn;
+
+use crate::config::model::AuthorizationPolicy;
+use crate::gateway::{Gateway, InflightGuard};
+use crate::metrics;
+use crate::token::{ActiveToken, Unavailable};
+use router::RouteEntry;
+
+pub struct TollgateProxy {
+    pub gateway: Arc<Gateway>,
+}
+
+/// Per-request state.
+pub struct Ctx {
+    route: Option<Arc<RouteEntry>>,
+    /// The token injected on the latest attempt (its generation identifies it for a 401).
+    token: Option<Arc<ActiveToken>>,
+    /// The client's own credential is kept (policy `keep`).
+    keep_client_auth: bool,
+    started: Instant,
+    token_wait: Duration,
+    access_log: bool,
+    _inflight: InflightGuard,
+}
+
+#[async_trait]
+impl ProxyHttp for TollgateProxy {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        let active = self.gateway.active();
+        Ctx {
+            route: None,
+            token: None,
+            keep_client_auth: false,
+            started: Instant::now(),
+            token_wait: active.settings.proxy.token_wait,
+            access_log: active.settings.proxy.access_log,
+            _inflight: self.gateway.enter(),
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let route = {
+            let active = self.gateway.active();
+            let req = session.req_header();
+            let host = req.headers.get(HOST).map(|h| h.as_bytes()).or_else(|| req.uri.host().map(str::as_bytes));
+            active.router.route(host, req.uri.path()).cloned()
+        };
+        let Some(route) = route else {
+            respond::json(
+                session,
+                404,
+                &json!({"error": "no_route", "message": "no route matches this host and path"}),
+                None,
+            )
+            .await?;
+            return Ok(true);
+        };
+        ctx.route = Some(Arc::clone(&route));
+        let Some(cell) = &route.cell else {
+            return Ok(false);
+        };
+        let client_sent = session.req_header().headers.contains_key(&route.spec.header_name);
+        match (route.spec.authorization, client_sent) {
+            (AuthorizationPolicy::Reject, true) => {
+                let body = json!({
+                    "error": "client_credentials_not_allowed",
+                    "message": format!("this route adds its own `{}` header; do not send one", route.spec.header_name),
+                });
+                respond::json(session, 400, &body, None).await?;
+                return Ok(true);
+            }
+            (AuthorizationPolicy::Keep, true) => {
+                ctx.keep_client_auth = true;
+                return Ok(false);
+            }
+            _ => {}
+        }
+        match cell.obtain(ctx.token_wait).await {
+            Ok(token) => {
+                ctx.token = Some(token);
+                Ok(false)
+            }
+            Err(why) => {
+                metrics::get().token_unavailable_total.with_label_values(&[cell.name()]).inc();
+                let provider = cell.name();
+                let (body, retry) = match why {
+                    Unavailable::AwaitingCode => (
+                        json!({
+                            "error": "login_required",
+                            "provider": provider,
+                            "message": format!("provider `{provider}` needs a one-time code; run `tollgate login {provider}`"),
+                        }),
+                        30,
+                    ),
+                    Unavailable::Timeout => (
+                        json!({
+                            "error": "token_unavailable",
+                            "provider": provider,
+                            "reason": "timeout",
+                            "message": format!("no valid token for provider `{provider}` within {} ms", ctx.token_wait.as_millis()),
+                        }),
+                        1,
+                    ),
+                    Unavailable::Failed { class, retry_in } => (
+                        json!({
+                            "error": "token_unavailable",
+                            "provider": provider,
+                            "reason": class.as_str(),
+                            "message": format!("the identity provider for `{provider}` is failing ({class}); next attempt in {} ms", retry_in.as_millis()),
+                        }),
+                        retry_in.as_secs_f64().ceil() as u64,
+                    ),
+                };
+                respond::json(session, 503, &body, Some(retry)).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        match &ctx.route {
+            Some(r) => Ok(Box::new(r.peer.clone())),
+            None => Error::e_explain(ErrorType::InternalError, "no route selected"),
+        }
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        req: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let Some(route) = &ctx.route else {
+            return Error::e_explain(ErrorType::InternalError, "no route selected");
+        };
+        let spec = &route.spec;
+        // Never forwarded: it is meant for tollgate (a forward proxy), not the upstream.
+        req.remove_header(&PROXY_AUTHORIZATION);
+        if !spec.preserve_host {
+            req.insert_header(HOST, spec.upstream.authority.clone())?;
+        }
+        if spec.strip_prefix || !spec.upstream.base_path.is_empty() {
+            rewrite_path(req, spec)?;
+        }
+        for (k, v) in &spec.set_headers {
+            req.insert_header(k.clone(), v.clone())?;
+        }
+        if let (Some(cell), false) = (&route.cell, ctx.keep_client_auth) {
+            // Prefer the cell's current token: on a retry it is the renewed one.
+            let token = match cell.usable() {
+                Some(t) => t,
+                None => match ctx.token.take().filter(|t| t.usable_at(Instant::now())) {
+                    Some(t) => t,
+                    None => {
+                        return Error::e_explain(
+                            ErrorType::HTTPStatus(503),
+                            "token expired before the request could be sent",
+                        );
+                    }
+                },
+            };
+            req.insert_header(spec.header_name.clone(), token.header.clone())?;
+            ctx.token = Some(token);
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let code = match e.etype() {
+            ErrorType::HTTPStatus(code) => *code,
+            _ => match e.esource() {
+                ErrorSource::Upstream => 502,
+                ErrorSource::Downstream => match e.etype() {
+                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                    _ => 400,
+                },
+                ErrorSource::Internal | ErrorSource::Unset => 500,
+            },
+        };
+        if code > 0 && session.response_written().is_none() {
+            let route = ctx.route.as_ref().map(|r| r.spec.name.as_str()).unwrap_or("");
+            let error = match code {
+                502 => "bad_gateway",
+                503 => "token_unavailable",
+                504 => "gateway_timeout",
+                400 => "bad_request",
+                _ => "proxy_error",
+            };
+            let body = json!({"error": error, "route": route, "message": e.etype().as_str()});
+            if let Err(err) = respond::json(session, code, &body, (code == 503).then_some(1)).await {
+                warn!(error = %err, "could not send error response");
+            }
+        }
+        FailToProxy { error_code: code, can_reuse_downstream: false }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        let status = match session.response_written() {
+            Some(r) => r.status.as_u16(),
+            None => match e.map(|e| e.etype()) {
+                Some(ErrorType::HTTPStatus(c)) => *c,
+                Some(_) => 502,
+                None => 0,
+            },
+        };
+        let route = ctx.route.as_ref().map(|r| r.spec.name.as_str()).unwrap_or("");
+        let m = metrics::get();
+        m.requests_total.with_label_values(&[route, status_label(status)]).inc();
+        let elapsed = ctx.started.elapsed();
+        if ctx.route.is_some() {
+            m.upstream_duration.with_label_values(&[route]).observe(elapsed.as_secs_f64());
+        }
+        if ctx.access_log {
+            let req = session.req_header();
+            let line = json!({
+                "ts": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+                "route": route,
+                "provider": ctx.route.as_ref().and_then(|r| r.spec.provider.as_deref()),
+                "method": req.method.as_str(),
+                // The query string is left out: clients put keys and personal data there.
+                "path": req.uri.path(),
+                "status": status,
+                "duration_ms": (elapsed.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
+                "token_generation": ctx.token.as_ref().map(|t| t.generation),
+                "error": e.map(|e| e.etype().as_str()),
+            });
+            println!("{line}");
+        }
+    }
+}
+
+/// Remove the route prefix (if asked) and prepend the upstream's base path.
+fn rewrite_path(req: &mut RequestHeader, spec: &crate::config::RouteSpec) -> Result<()> {
+    let path = req.uri.path();
+    let rest = if spec.strip_prefix {
+        path.strip_prefix(spec.path_prefix.trim_end_matches('/')).unwrap_or(path)
+    } else {
+        path
+    };
+    let mut new = String::with_capacity(spec.upstream.base_path.len() + rest.len() + 1);
+    new.push_str(&spec.upstream.base_path);
+    if !rest.starts_with('/') {
+        new.push('/');
+    }
+    new.push_str(rest);
+    if let Some(q) = req.uri.query() {
+        new.push('?');
+        new.push_str(q);
+    }
+    let uri = new.parse::<http::Uri>().or_err(ErrorType::InternalError, "rewritten path is not a valid URI")?;
+    req.set_uri(uri);
+    Ok(())
+}
+
+/// Status codes as label strings without formatting on the request path.
+fn status_label(status: u16) -> &'static str {
+    static LABELS: std::sync::LazyLock<Vec<String>> =
+        std::sync::LazyLock::new(|| (0..600).map(|s| s.to_string()).collect());
+    LABELS.get(status as usize).map(String::as_str).unwrap_or("other")
+}

@@ -1,0 +1,317 @@
+//! An OAuth2 token endpoint double. It follows RFC 6749 (form bodies) and seed 002's
+//! `/oauth/v2/token` (JSON bodies) and rejects what a real server would reject: a wrong
+//! content type, a missing field, wrong client credentials, an unknown refresh token.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use base64::Engine;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+use super::Ledger;
+
+/// How the endpoint behaves right now; tests flip it mid-run.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Mode {
+    Normal,
+    /// Answer every request with this status and an RFC 6749-style error body.
+    Status(u16, &'static str),
+    /// Accept the connection and never answer.
+    Hang,
+    /// 200 with a body that is not a token response.
+    Garbage,
+    /// 429 with `Retry-After`.
+    RateLimited(u64),
+}
+
+#[derive(Debug, Clone)]
+pub struct IdpConfig {
+    pub path: String,
+    pub client_id: String,
+    pub client_secret: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Lifetime of issued tokens.
+    pub lifetime: Duration,
+    /// Send `expires_in` (else the client must find the expiry elsewhere).
+    pub send_expires_in: bool,
+    /// Issue refresh tokens with the password grant.
+    pub refresh_tokens: bool,
+    /// A prefix for issued tokens, to recognise them in leak checks.
+    pub token_prefix: String,
+}
+
+impl Default for IdpConfig {
+    fn default() -> Self {
+        IdpConfig {
+            path: "/oauth/v2/token".into(),
+            client_id: "abc123".into(),
+            client_secret: "456789".into(),
+            username: None,
+            password: None,
+            lifetime: Duration::from_secs(3600),
+            send_expires_in: true,
+            refresh_tokens: true,
+            token_prefix: "tok".into(),
+        }
+    }
+}
+
+/// One request as the endpoint saw it.
+#[derive(Debug, Clone)]
+pub struct SeenRequest {
+    pub content_type: String,
+    pub authorization: Option<String>,
+    pub params: HashMap<String, String>,
+    pub at: Instant,
+}
+
+impl SeenRequest {
+    pub fn grant(&self) -> &str {
+        self.params.get("grant_type").map(String::as_str).unwrap_or("")
+    }
+}
+
+struct Inner {
+    cfg: IdpConfig,
+    ledger: Ledger,
+    mode: Mutex<Mode>,
+    reject_refresh: std::sync::atomic::AtomicBool,
+    seen: Mutex<Vec<SeenRequest>>,
+    refresh_tokens: Mutex<HashMap<String, ()>>,
+    counter: AtomicU64,
+    delay: Mutex<Duration>,
+}
+
+/// A running token endpoint double.
+#[derive(Clone)]
+pub struct Idp {
+    inner: Arc<Inner>,
+    pub addr: SocketAddr,
+    stop: Arc<Mutex<Option<oneshot::Sender<()>>>>,
+}
+
+impl Idp {
+    /// Start on an ephemeral loopback port.
+    pub async fn start(cfg: IdpConfig, ledger: Ledger) -> std::io::Result<Self> {
+        let (listener, addr) = super::bind_loopback().await?;
+        let inner = Arc::new(Inner {
+            cfg,
+            ledger,
+            mode: Mutex::new(Mode::Normal),
+            reject_refresh: Default::default(),
+            seen: Mutex::new(Vec::new()),
+            refresh_tokens: Mutex::new(HashMap::new()),
+            counter: AtomicU64::new(0),
+            delay: Mutex::new(Duration::ZERO),
+        });
+        let idp = Idp { inner, addr, stop: Arc::new(Mutex::new(None)) };
+        idp.serve(listener);
+        Ok(idp)
+    }
+
+    fn serve(&self, listener: tokio::net::TcpListener) {
+        let app = Router::new().route(&self.inner.cfg.path, post(token)).with_state(Arc::clone(&self.inner));
+        let (tx, rx) = oneshot::channel::<()>();
+        *lock(&self.stop) = Some(tx);
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.await;
+                })
+                .await;
+        });
+    }
+
+    /// Close the listening socket: clients now get "connection refused".
+    pub fn stop(&self) {
+        if let Some(tx) = lock(&self.stop).take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Listen again on the same port after [`Idp::stop`].
+    pub async fn restart(&self) -> std::io::Result<()> {
+        let mut last = None;
+        for _ in 0..50 {
+            match tokio::net::TcpListener::bind(self.addr).await {
+                Ok(l) => {
+                    self.serve(l);
+                    return Ok(());
+                }
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(last.unwrap_or_else(|| std::io::Error::other("cannot rebind")))
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}{}", self.addr, self.inner.cfg.path)
+    }
+
+    pub fn set_mode(&self, mode: Mode) {
+        *lock(&self.inner.mode) = mode;
+    }
+
+    /// Make every answer wait this long first.
+    pub fn set_delay(&self, d: Duration) {
+        *lock(&self.inner.delay) = d;
+    }
+
+    /// Answer refresh_token grants with `invalid_grant` (a revoked refresh token).
+    pub fn reject_refresh(&self, yes: bool) {
+        self.inner.reject_refresh.store(yes, Ordering::SeqCst);
+    }
+
+    /// Every request received so far.
+    pub fn seen(&self) -> Vec<SeenRequest> {
+        lock(&self.inner.seen).clone()
+    }
+
+    pub fn count(&self) -> usize {
+        lock(&self.inner.seen).len()
+    }
+
+    pub fn count_grant(&self, grant: &str) -> usize {
+        lock(&self.inner.seen).iter().filter(|r| r.grant() == grant).count()
+    }
+
+    /// Tokens issued so far, in order.
+    pub fn issued(&self) -> u64 {
+        self.inner.counter.load(Ordering::SeqCst)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn oauth_error(status: StatusCode, code: &str) -> Response {
+    (status, Json(json!({"error": code, "error_description": format!("double says {code}")}))).into_response()
+}
+
+/// Parse the body as the content type says; a body in the wrong encoding is a 400 as a
+/// real server would give.
+fn params(headers: &HeaderMap, body: &Bytes) -> Result<(String, HashMap<String, String>), Response> {
+    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let map = if ct.starts_with("application/x-www-form-urlencoded") {
+        url::form_urlencoded::parse(body).into_owned().collect()
+    } else if ct.starts_with("application/json") {
+        let v: Value =
+            serde_json::from_slice(body).map_err(|_| oauth_error(StatusCode::BAD_REQUEST, "invalid_request"))?;
+        let Value::Object(o) = v else { return Err(oauth_error(StatusCode::BAD_REQUEST, "invalid_request")) };
+        o.into_iter()
+            .map(|(k, v)| match v {
+                Value::String(s) => Ok((k, s)),
+                _ => Err(oauth_error(StatusCode::BAD_REQUEST, "invalid_request")),
+            })
+            .collect::<Result<_, _>>()?
+    } else {
+        return Err(oauth_error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid_request"));
+    };
+    Ok((ct, map))
+}
+
+/// Client authentication per RFC 6749 section 2.3.1: Basic with form-encoded parts, or
+/// id and secret in the body; not both.
+fn client_ok(cfg: &IdpConfig, auth: Option<&str>, p: &HashMap<String, String>) -> bool {
+    if let Some(b64) = auth.and_then(|a| a.strip_prefix("Basic ")) {
+        if p.contains_key("client_secret") {
+            return false;
+        }
+        let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(b64) else { return false };
+        let Ok(raw) = String::from_utf8(raw) else { return false };
+        let Some((id, secret)) = raw.split_once(':') else { return false };
+        let dec =
+            |s: &str| url::form_urlencoded::parse(format!("x={s}").as_bytes()).next().map(|(_, v)| v.into_owned());
+        return dec(id).as_deref() == Some(&cfg.client_id) && dec(secret).as_deref() == Some(&cfg.client_secret);
+    }
+    p.get("client_id") == Some(&cfg.client_id) && p.get("client_secret") == Some(&cfg.client_secret)
+}
+
+async fn token(State(s): State<Arc<Inner>>, headers: HeaderMap, body: Bytes) -> Response {
+    let delay = *lock(&s.delay);
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let auth = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let parsed = params(&headers, &body);
+    if let Ok((ct, p)) = &parsed {
+        lock(&s.seen).push(SeenRequest {
+            content_type: ct.clone(),
+            authorization: auth.clone(),
+            params: p.clone(),
+            at: Instant::now(),
+        });
+    }
+    let mode = lock(&s.mode).clone();
+    match mode {
+        Mode::Normal => {}
+        Mode::Status(code, err) => {
+            return oauth_error(StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), err);
+        }
+        Mode::Hang => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+        Mode::Garbage => return (StatusCode::OK, "<html>surprise</html>").into_response(),
+        Mode::RateLimited(secs) => {
+            let mut r = oauth_error(StatusCode::TOO_MANY_REQUESTS, "slow_down");
+            r.headers_mut().insert(header::RETRY_AFTER, secs.into());
+            return r;
+        }
+    }
+    let (_, p) = match parsed {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    if !client_ok(&s.cfg, auth.as_deref(), &p) {
+        return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client");
+    }
+    let with_refresh = match p.get("grant_type").map(String::as_str) {
+        Some("client_credentials") => false,
+        Some("password") => {
+            let (Some(u), Some(pw)) = (p.get("username"), p.get("password")) else {
+                return oauth_error(StatusCode::BAD_REQUEST, "invalid_request");
+            };
+            if s.cfg.username.as_ref() != Some(u) || s.cfg.password.as_ref() != Some(pw) {
+                return oauth_error(StatusCode::BAD_REQUEST, "invalid_grant");
+            }
+            s.cfg.refresh_tokens
+        }
+        Some("refresh_token") => {
+            let Some(rt) = p.get("refresh_token") else {
+                return oauth_error(StatusCode::BAD_REQUEST, "invalid_request");
+            };
+            if s.reject_refresh.load(Ordering::SeqCst) || lock(&s.refresh_tokens).remove(rt).is_none() {
+                return oauth_error(StatusCode::BAD_REQUEST, "invalid_grant");
+            }
+            true
+        }
+        Some(_) => return oauth_error(StatusCode::BAD_REQUEST, "unsupported_grant_type"),
+        None => return oauth_error(StatusCode::BAD_REQUEST, "invalid_request"),
+    };
+    let n = s.counter.fetch_add(1, Ordering::SeqCst) + 1;
+    let access = format!("{}-{n}-{:016x}", s.cfg.token_prefix, fastrand::u64(..));
+    s.ledger.issue(&access, Some(Instant::now() + s.cfg.lifetime));
+    let mut body = json!({"access_token": access, "token_type": "bearer", "scope": null});
+    if s.cfg.send_expires_in {
+        body["expires_in"] = json!(s.cfg.lifetime.as_secs());
+    }
+    if with_refresh {
+        let rt = format!("rt-{n}-{:016x}", fastrand::u64(..));
+        lock(&s.refresh_tokens).insert(rt.clone(), ());
+        body["refresh_token"] = json!(rt);
+    }
+    (StatusCode::OK, Json(body)).into_response()
+}

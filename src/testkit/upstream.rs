@@ -1,0 +1,145 @@
+//! An upstream API double: records every request it receives (what the tests assert
+//! on), answers with a JSON echo, and — when given the token endpoint's ledger — accepts
+//! only current tokens, answering 401 otherwise as a real API would.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use super::Ledger;
+
+/// One request as the upstream saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub query: Option<String>,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// Whether the token was accepted (always true without a ledger).
+    pub accepted: bool,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    pub fn bearer(&self) -> Option<&str> {
+        self.header("authorization").and_then(|v| v.strip_prefix("Bearer "))
+    }
+}
+
+struct Inner {
+    ledger: Option<Ledger>,
+    seen: Mutex<Vec<Seen>>,
+    /// Answer this many next requests with 401 regardless of the token.
+    force_401: AtomicU32,
+}
+
+#[derive(Clone)]
+pub struct Upstream {
+    inner: Arc<Inner>,
+    pub addr: SocketAddr,
+}
+
+impl Upstream {
+    /// Start on an ephemeral loopback port. With a ledger, only its current tokens pass.
+    pub async fn start(ledger: Option<Ledger>) -> std::io::Result<Self> {
+        let (listener, addr) = super::bind_loopback().await?;
+        let inner = Arc::new(Inner { ledger, seen: Mutex::new(Vec::new()), force_401: AtomicU32::new(0) });
+        let app = axum::Router::new().fallback(handle).with_state(Arc::clone(&inner));
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Upstream { inner, addr })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        lock(&self.inner.seen).clone()
+    }
+
+    pub fn count(&self) -> usize {
+        lock(&self.inner.seen).len()
+    }
+
+    /// Reject the next `n` requests with 401.
+    pub fn reject_next(&self, n: u32) {
+        self.inner.force_401.store(n, Ordering::SeqCst);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn handle(State(s): State<Arc<Inner>>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let body: Bytes = axum::body::to_bytes(body, 64 * 1024 * 1024).await.unwrap_or_default();
+    let headers: Vec<(String, String)> = parts
+        .headers
+        .iter()
+        .map(|(k, v)| (k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .collect();
+    let bearer = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_string);
+    let forced = s.force_401.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
+    let verdict = match (&s.ledger, &bearer) {
+        _ if forced => Err("rejected by test"),
+        (None, _) => Ok(()),
+        (Some(_), None) => Err("missing bearer token"),
+        (Some(l), Some(t)) => l.check(t),
+    };
+    let path = parts.uri.path().to_string();
+    lock(&s.seen).push(Seen {
+        method: parts.method.to_string(),
+        path: path.clone(),
+        query: parts.uri.query().map(str::to_string),
+        headers: headers.clone(),
+        body: body.to_vec(),
+        accepted: verdict.is_ok(),
+    });
+    if let Err(why) = verdict {
+        let mut r = (StatusCode::UNAUTHORIZED, Json(json!({"error": "invalid_token", "message": why}))).into_response();
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer error=\"invalid_token\""));
+        return r;
+    }
+    if let Some(n) = path.strip_prefix("/stream/").and_then(|n| n.parse::<usize>().ok()) {
+        // A slow chunked response, to show the proxy streams rather than buffers.
+        let stream = futures::stream::unfold(0usize, move |i| async move {
+            if i >= n {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Some((Ok::<_, std::io::Error>(Bytes::from(format!("chunk {i}\n"))), i + 1))
+        });
+        return (StatusCode::OK, Body::from_stream(stream)).into_response();
+    }
+    let echo_headers: serde_json::Map<String, serde_json::Value> =
+        headers.into_iter().map(|(k, v)| (k, json!(v))).collect();
+    Json(json!({
+        "method": parts.method.as_str(),
+        "path": path,
+        "query": parts.uri.query(),
+        "headers": echo_headers,
+        "body_bytes": body.len(),
+    }))
+    .into_response()
+}

@@ -1,0 +1,75 @@
+//! Tokens once obtained: the cell the request path reads, the refresher that fills it,
+//! and the pure schedule and expiry rules the refresher follows.
+
+pub mod cell;
+pub mod expiry;
+pub mod refresher;
+pub mod schedule;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant, SystemTime};
+
+use http::HeaderValue;
+
+pub use cell::{Attempt, ProviderState, TokenCell, Unavailable};
+pub use expiry::Lifetime;
+
+/// A token ready for injection. Built once per token by the refresher, so the request
+/// path only clones a pre-built, sensitive-marked `HeaderValue` (a reference-count bump).
+#[derive(Debug)]
+pub struct ActiveToken {
+    pub header: HeaderValue,
+    pub generation: u64,
+    pub issued_at: SystemTime,
+    pub lifetime: Lifetime,
+    /// Wall-clock expiry, for metrics and the admin API.
+    pub expires_at: Option<SystemTime>,
+    /// Monotonic instant after which the token is no longer injected: expiry minus the
+    /// expiry margin, so that a token cannot expire while a request is in flight.
+    pub usable_until: Option<Instant>,
+    pub scope: Option<String>,
+    pub extras: BTreeMap<String, String>,
+}
+
+impl ActiveToken {
+    /// Build from a raw token. `None` when the token cannot form a header value (control
+    /// characters), which the refresher counts as a malformed response.
+    pub fn new(
+        token: &str,
+        prefix: &str,
+        generation: u64,
+        lifetime: Lifetime,
+        margin: Duration,
+        scope: Option<String>,
+        extras: BTreeMap<String, String>,
+    ) -> Option<Self> {
+        let mut value = zeroize::Zeroizing::new(String::with_capacity(prefix.len() + token.len()));
+        value.push_str(prefix);
+        value.push_str(token);
+        let mut header = HeaderValue::from_bytes(value.as_bytes()).ok()?;
+        header.set_sensitive(true);
+        // Promote the header's storage to shared once here, so that clones on the request
+        // path are reference-count bumps and never allocate.
+        drop(header.clone());
+        let issued_at = SystemTime::now();
+        let now = Instant::now();
+        let (expires_at, usable_until) = match lifetime {
+            Lifetime::Never => (None, None),
+            Lifetime::Finite(l) => {
+                // Never let the margin eat more than a quarter of a short token's life.
+                let margin = margin.min(l / 4);
+                (Some(issued_at + l), Some(now + l - margin))
+            }
+        };
+        Some(ActiveToken { header, generation, issued_at, lifetime, expires_at, usable_until, scope, extras })
+    }
+
+    /// Whether the token may be injected at `now`.
+    #[inline]
+    pub fn usable_at(&self, now: Instant) -> bool {
+        match self.usable_until {
+            None => true,
+            Some(t) => now < t,
+        }
+    }
+}
