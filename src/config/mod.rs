@@ -49,6 +49,21 @@ fn figment_for(path: &Path) -> Figment {
     base.merge(env_provider())
 }
 
+/// Only the config's own sections are taken from the environment, so that variables like
+/// `TOLLGATE_LOG` or `TOLLGATE_CONFIG` (read by the CLI) are not mistaken for keys.
 fn env_provider() -> Env {
-    Env::prefixed(ENV_PREFIX).split("__")
+    Env::prefixed(ENV_PREFIX)
+        .filter(|k| {
+            let k = k.as_str();
+            ["proxy__", "admin__", "providers__"]
+                .iter()
+                .any(|s| k.len() > s.len() && k[..s.len()].eq_ignore_ascii_case(s))
+        })
+        .split("__")
+}
+
+/// The variable that sets `key` (`providers.backend.token_url` →
+/// `TOLLGATE_PROVIDERS__BACKEND__TOKEN_URL`).
+pub fn env_var_for(key: &str) -> String {
+    format!("{ENV_PREFIX}{}", key.replace('.', "__").to_ascii_uppercase())
 }

@@ -5,7 +5,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use figment::{Figment, Profile};
+use figment::Figment;
 use http::{HeaderName, HeaderValue};
 
 use super::model::{ClientAuth, FileConfig, Grant, ProviderConfig, ProviderKind, RouteConfig};
@@ -36,8 +36,7 @@ fn describe_figment(e: figment::Error) -> String {
                         None => md.name.to_string(),
                     };
                     let origin = if md.name.contains("environment") {
-                        let keys: Vec<&str> = e.path.iter().map(String::as_str).collect();
-                        format!("environment variable {}", md.interpolate(&Profile::Default, &keys))
+                        format!("environment variable {}", super::env_var_for(&e.path.join(".")))
                     } else {
                         origin
                     };
@@ -59,10 +58,7 @@ impl Validator<'_> {
     /// Where `key` was set: the env var that overrode it, else the file.
     fn origin(&self, key: &str) -> String {
         match self.figment.find_metadata(key) {
-            Some(md) if md.name.contains("environment") => {
-                let keys: Vec<&str> = key.split('.').collect();
-                format!("environment variable {}", md.interpolate(&Profile::Default, &keys))
-            }
+            Some(md) if md.name.contains("environment") => format!("environment variable {}", super::env_var_for(key)),
             Some(md) => match &md.source {
                 Some(src) => format!("{src}"),
                 None => self.path.display().to_string(),

@@ -1,0 +1,226 @@
+//! Integration-test harness: runs the real `tollgate` binary as a child process on
+//! ephemeral loopback ports, captures everything it prints (for leak checks), and
+//! offers an HTTP client pointed at it.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[allow(unused_imports)]
+pub use tollgate::testkit::idp::{Idp, IdpConfig, Mode};
+pub use tollgate::testkit::upstream::Upstream;
+pub use tollgate::testkit::Ledger;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind ephemeral port");
+    l.local_addr().expect("local addr")
+}
+
+pub struct Tollgate {
+    child: Option<Child>,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub config_path: PathBuf,
+    logs: Arc<Mutex<String>>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Tollgate {
+    /// Start with `config`, in which `{PROXY}` and `{ADMIN}` are replaced by free ports
+    /// and `{DIR}` by a temporary directory.
+    pub fn start(config: &str) -> Self {
+        Self::start_with_env(config, &[])
+    }
+
+    pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let proxy = free_port();
+        let admin = free_port();
+        let text = config
+            .replace("{PROXY}", &proxy.to_string())
+            .replace("{ADMIN}", &admin.to_string())
+            .replace("{DIR}", &dir.path().display().to_string());
+        let config_path = dir.path().join("tollgate.toml");
+        std::fs::write(&config_path, text).expect("write config");
+        let mut t = Tollgate { child: None, proxy, admin, config_path, logs: Arc::new(Mutex::new(String::new())), dir };
+        t.spawn(env);
+        t
+    }
+
+    fn spawn(&mut self, env: &[(&str, &str)]) {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("run").arg("--config").arg(&self.config_path);
+        cmd.env("TOLLGATE_LOG", "debug").env("NO_COLOR", "1");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
+        let mut child = cmd.spawn().expect("spawn tollgate");
+        for stream in [
+            child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child.stderr.take().map(|s| Box::new(s) as _),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let logs = Arc::clone(&self.logs);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let mut l = logs.lock().unwrap_or_else(|p| p.into_inner());
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            });
+        }
+        self.child = Some(child);
+    }
+
+    /// Kill (as `kill -9` would) and start again on the same ports and config.
+    pub fn restart_hard(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.spawn(&[]);
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.proxy, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().expect("kill");
+        assert!(status.success());
+    }
+
+    /// Wait for the process to exit; its exit status, or `None` on timeout.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    return Some(st);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Wait until `/healthz` answers (the admin listener is up and the proxy is starting).
+    pub async fn wait_healthy(&self) {
+        self.wait_for(|s| s == 200, "/healthz").await;
+        // The proxy port is bound by pingora right after; wait for it too.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(self.proxy).await.is_err() {
+            assert!(Instant::now() < deadline, "proxy port never opened; logs:\n{}", self.logs());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Wait until `/readyz` says every provider holds a token.
+    pub async fn wait_ready(&self) {
+        self.wait_healthy().await;
+        self.wait_for(|s| s == 200, "/readyz").await;
+    }
+
+    async fn wait_for(&self, ok: impl Fn(u16) -> bool, path: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(r) = client().get(self.admin_url(path)).send().await {
+                if ok(r.status().as_u16()) {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "{path} never became ready; logs:\n{}", self.logs());
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub async fn metrics(&self) -> String {
+        client().get(self.admin_url("/metrics")).send().await.expect("metrics").text().await.expect("metrics body")
+    }
+
+    /// The value of one metric series (exact label text), or 0.
+    pub async fn metric(&self, series: &str) -> f64 {
+        metric_value(&self.metrics().await, series)
+    }
+}
+
+impl Drop for Tollgate {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+/// A client that does not follow redirects and uses no proxy from the environment.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(30)).build().expect("client")
+}
+
+/// Run `tollgate <args>` to completion.
+pub fn run_cli(args: &[&str], cwd: &Path) -> std::process::Output {
+    Command::new(BIN).args(args).current_dir(cwd).env("NO_COLOR", "1").output().expect("run tollgate")
+}
+
+/// The usual provider + route config for an OAuth2 double.
+pub fn oauth2_config(idp: &Idp, upstream: &Upstream, extra_provider: &str, extra_proxy: &str) -> String {
+    format!(
+        r#"
+[proxy]
+listen = "{{PROXY}}"
+{extra_proxy}
+
+[admin]
+listen = "{{ADMIN}}"
+
+[providers.backend]
+kind = "oauth2"
+token_url = "{token_url}"
+client_id = "abc123"
+client_secret = "456789"
+backoff_min = "100ms"
+backoff_max = "1s"
+timeout = "1s"
+{extra_provider}
+
+[[routes]]
+name = "api"
+path_prefix = "/"
+upstream = "{upstream}"
+provider = "backend"
+"#,
+        token_url = idp.url(),
+        upstream = upstream.url(),
+    )
+}
