@@ -97,9 +97,20 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Crates whose verbose logs would carry tokens.
+const PINGORA_TARGETS: [&str; 6] =
+    ["pingora", "pingora_core", "pingora_proxy", "pingora_http", "pingora_pool", "pingora_error"];
+
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("TOLLGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut filter = EnvFilter::try_from_env("TOLLGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // pingora's debug and trace logs dump request headers and bodies, the injected token
+    // included; they are capped at info whatever the operator asks for.
+    for target in PINGORA_TARGETS {
+        if let Ok(d) = format!("{target}=info").parse() {
+            filter = filter.add_directive(d);
+        }
+    }
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),

@@ -1,0 +1,205 @@
+//! Identity-provider faults: a client keeps sending requests while the token endpoint
+//! refuses connections, fails, hangs and answers garbage.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// Sends requests until stopped; counts non-200 answers and keeps the first few.
+fn traffic(tg: &Tollgate) -> (Arc<AtomicBool>, Arc<AtomicU32>, Arc<AtomicU32>, tokio::task::JoinHandle<Vec<String>>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU32::new(0));
+    let bad = Arc::new(AtomicU32::new(0));
+    let (s, o, b) = (stop.clone(), ok.clone(), bad.clone());
+    let url = tg.url("/load");
+    let h = tokio::spawn(async move {
+        let c = client();
+        let mut firsts = Vec::new();
+        let started = Instant::now();
+        while !s.load(Ordering::SeqCst) && started.elapsed() < Duration::from_secs(60) {
+            match c.get(&url).send().await {
+                Ok(r) if r.status() == 200 => {
+                    o.fetch_add(1, Ordering::SeqCst);
+                }
+                Ok(r) => {
+                    b.fetch_add(1, Ordering::SeqCst);
+                    if firsts.len() < 3 {
+                        firsts.push(format!("{} {}", r.status(), r.text().await.unwrap_or_default()));
+                    }
+                }
+                Err(e) => {
+                    b.fetch_add(1, Ordering::SeqCst);
+                    if firsts.len() < 3 {
+                        firsts.push(e.to_string());
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        firsts
+    });
+    (stop, ok, bad, h)
+}
+
+async fn force_refresh(tg: &Tollgate) -> u16 {
+    client().post(tg.admin_url("/admin/providers/backend/refresh")).send().await.unwrap().status().as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idp_faults_with_a_valid_token_fail_no_request_then_503_then_recover() {
+    let ledger = Ledger::default();
+    let idp = Idp::start(IdpConfig { lifetime: Duration::from_secs(8), ..IdpConfig::default() }, ledger.clone())
+        .await
+        .unwrap();
+    let upstream = Upstream::start(Some(ledger.clone())).await.unwrap();
+    let tg = Tollgate::start(&oauth2_config(&idp, &upstream, "expiry_margin = \"1s\"", "token_wait = \"300ms\""));
+    tg.wait_ready().await;
+    let (stop, ok, bad, h) = traffic(&tg);
+
+    // Each fault, forced through the admin API while the 8 s token is still valid.
+    idp.stop();
+    assert_eq!(force_refresh(&tg).await, 502, "connection refused is a failed refresh");
+    idp.restart().await.unwrap();
+    idp.set_mode(Mode::Status(500, "server_error"));
+    assert_eq!(force_refresh(&tg).await, 502);
+    idp.set_mode(Mode::Hang);
+    assert_eq!(force_refresh(&tg).await, 502, "a hanging IdP times out (provider timeout 1 s)");
+    idp.set_mode(Mode::Garbage);
+    assert_eq!(force_refresh(&tg).await, 502, "a 200 with garbage is a failed refresh");
+
+    stop.store(true, Ordering::SeqCst);
+    let firsts = h.await.unwrap();
+    assert_eq!(bad.load(Ordering::SeqCst), 0, "no client request may fail while a valid token exists: {firsts:?}");
+    assert!(ok.load(Ordering::SeqCst) > 50);
+    let m = tg.metrics().await;
+    for class in ["connect", "server_error", "timeout", "malformed"] {
+        let v = metric_value(&m, &format!("tollgate_token_fetch_total{{outcome=\"{class}\",provider=\"backend\"}}"));
+        assert!(v >= 1.0, "{class} must be counted:\n{m}");
+    }
+    let providers: serde_json::Value =
+        client().get(tg.admin_url("/admin/providers")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(providers["providers"][0]["state"], "degraded");
+    assert_eq!(providers["providers"][0]["last_error"]["class"], "malformed");
+
+    // Let the token run out while the IdP keeps failing: 503 with a JSON body.
+    idp.set_mode(Mode::Status(503, "temporarily_unavailable"));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let resp = loop {
+        let r = client().get(tg.url("/after-expiry")).send().await.unwrap();
+        if r.status() != 200 {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "token never stopped being injected");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(resp.status(), 503);
+    assert!(resp.headers().get("retry-after").is_some());
+    assert_eq!(resp.headers().get("content-type").unwrap(), "application/json");
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "token_unavailable");
+    assert_eq!(body["provider"], "backend");
+    assert!(upstream.seen().iter().all(|s| s.accepted), "no expired token may reach the upstream");
+    assert_eq!(client().get(tg.admin_url("/readyz")).send().await.unwrap().status(), 503);
+
+    // Heal: requests succeed again within the backoff bound (backoff_max 1 s).
+    idp.set_mode(Mode::Normal);
+    let healed = Instant::now();
+    loop {
+        let r = client().get(tg.url("/healed")).send().await.unwrap();
+        if r.status() == 200 {
+            break;
+        }
+        assert!(healed.elapsed() < Duration::from_secs(5), "no recovery within the backoff bound");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(upstream.seen().iter().all(|s| s.accepted));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refresh_token_grant_is_used_and_invalid_grant_falls_back_to_password() {
+    let ledger = Ledger::default();
+    let cfg = IdpConfig {
+        lifetime: Duration::from_secs(2),
+        username: Some("someone@example.com".into()),
+        password: Some("def56789".into()),
+        ..IdpConfig::default()
+    };
+    let idp = Idp::start(cfg, ledger.clone()).await.unwrap();
+    let upstream = Upstream::start(Some(ledger.clone())).await.unwrap();
+    let extra =
+        "grant = \"password\"\nusername = \"someone@example.com\"\npassword = \"def56789\"\nencoding = \"json\"";
+    let tg = Tollgate::start(&oauth2_config(&idp, &upstream, extra, ""));
+    tg.wait_ready().await;
+    let c = client();
+    let wait_for = |grant: &'static str, n: usize| {
+        let idp = idp.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while idp.count_grant(grant) < n {
+                assert!(
+                    Instant::now() < deadline,
+                    "never saw {n} {grant} requests: {:?}",
+                    idp.seen().iter().map(|s| s.grant().to_string()).collect::<Vec<_>>()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    wait_for("refresh_token", 1).await;
+    let seen = idp.seen();
+    assert_eq!(seen[0].grant(), "password");
+    assert!(seen[0].content_type.starts_with("application/json"), "seed 002 wants JSON bodies");
+    let refresh = seen.iter().find(|s| s.grant() == "refresh_token").unwrap();
+    assert_eq!(refresh.params.get("client_id").map(String::as_str), Some("abc123"));
+    assert!(refresh.params.get("refresh_token").is_some_and(|r| r.starts_with("rt-")));
+
+    idp.reject_refresh(true);
+    wait_for("password", 2).await;
+    for _ in 0..5 {
+        assert_eq!(c.get(tg.url("/x")).send().await.unwrap().status(), 200);
+    }
+    assert!(upstream.seen().iter().all(|s| s.accepted));
+    let m = tg.metrics().await;
+    assert!(metric_value(&m, "tollgate_token_fetch_total{outcome=\"invalid_grant\",provider=\"backend\"}") >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_secret_basic_is_sent_form_encoded() {
+    let ledger = Ledger::default();
+    let cfg = IdpConfig { client_id: "my client".into(), client_secret: "s:e+c%r t".into(), ..IdpConfig::default() };
+    let idp = Idp::start(cfg, ledger.clone()).await.unwrap();
+    let upstream = Upstream::start(Some(ledger)).await.unwrap();
+    let text = oauth2_config(&idp, &upstream, "client_auth = \"client_secret_basic\"\nscope = \"read write\"", "")
+        .replace("client_id = \"abc123\"", "client_id = \"my client\"")
+        .replace("client_secret = \"456789\"", "client_secret = { env = \"TG_TEST_SECRET\" }");
+    let tg = Tollgate::start_with_env(&text, &[("TG_TEST_SECRET", "s:e+c%r t")]);
+    tg.wait_ready().await;
+    let seen = idp.seen();
+    assert_eq!(seen.len(), 1);
+    assert!(seen[0].authorization.as_deref().is_some_and(|a| a.starts_with("Basic ")));
+    assert!(!seen[0].params.contains_key("client_secret"), "basic auth must not also send the secret in the body");
+    assert_eq!(seen[0].params.get("scope").map(String::as_str), Some("read write"));
+    assert_eq!(client().get(tg.url("/")).send().await.unwrap().status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_client_secret_is_classified_and_answered_503() {
+    let ledger = Ledger::default();
+    let idp = Idp::start(IdpConfig::default(), ledger.clone()).await.unwrap();
+    let upstream = Upstream::start(Some(ledger)).await.unwrap();
+    let text = oauth2_config(&idp, &upstream, "", "token_wait = \"2s\"")
+        .replace("client_secret = \"456789\"", "client_secret = \"wrong\"");
+    let tg = Tollgate::start(&text);
+    tg.wait_healthy().await;
+    let r = client().get(tg.url("/")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["reason"], "invalid_client");
+    assert_eq!(upstream.count(), 0, "the upstream is not contacted without a token");
+    assert!(tg.metric("tollgate_token_fetch_total{outcome=\"invalid_client\",provider=\"backend\"}").await >= 1.0);
+    assert!(tg.logs().contains("invalid_client"));
+}
