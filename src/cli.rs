@@ -155,12 +155,11 @@ pub fn describe(s: &Settings) -> String {
     for r in &s.routes {
         let _ = writeln!(
             out,
-            "route {}: host {} path_prefix {} -> {} ({}) provider {} header {}",
+            "route {}: host {} path_prefix {} -> {} provider {} header {}",
             r.name,
             r.host.as_deref().unwrap_or("*"),
             r.path_prefix,
             r.upstream.url,
-            r.upstream.addr,
             r.provider.as_deref().unwrap_or("(none: pass-through)"),
             r.header_name,
         );

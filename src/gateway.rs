@@ -2,6 +2,7 @@
 //! whole through `ArcSwap` so that a reload never exposes a half-applied config.
 
 use std::collections::BTreeMap;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -143,9 +144,20 @@ fn start_provider(spec: &ProviderSpec, prefix: &str, handle: &Handle) -> Result<
     Ok(ProviderHandle { spec: spec.clone(), cell, _stop: stop })
 }
 
+/// Resolve the upstream's host now, at start or reload, so that the request path never
+/// blocks on DNS. (The address is re-resolved on every reload.)
+fn resolve(r: &RouteSpec) -> Result<SocketAddr, BuildError> {
+    let u = &r.upstream;
+    (u.host.as_str(), u.port)
+        .to_socket_addrs()
+        .map_err(|e| BuildError::Route(r.name.clone(), format!("cannot resolve `{}`: {e}", u.host)))?
+        .next()
+        .ok_or_else(|| BuildError::Route(r.name.clone(), format!("`{}` resolved to no address", u.host)))
+}
+
 fn peer_for(r: &RouteSpec, settings: &Settings) -> Result<HttpPeer, BuildError> {
     let u = &r.upstream;
-    let mut peer = HttpPeer::new(u.addr, u.tls, u.sni.clone());
+    let mut peer = HttpPeer::new(resolve(r)?, u.tls, u.sni.clone());
     peer.options.connection_timeout = Some(settings.proxy.upstream_connect_timeout);
     peer.options.read_timeout = Some(settings.proxy.upstream_read_timeout);
     peer.options.verify_cert = u.tls_verify;

@@ -48,7 +48,9 @@ fn check_prints_resolved_config_with_secrets_redacted() {
 
 #[test]
 fn bad_configs_exit_nonzero_naming_key_and_source() {
-    let cases: Vec<(String, Vec<(&str, &str)>, Vec<&str>)> = vec![
+    // (config, environment, what the error must name)
+    type Case<'a> = (String, Vec<(&'a str, &'a str)>, Vec<&'a str>);
+    let cases: Vec<Case> = vec![
         (format!("{GOOD}\n[proxy]\nlisten_port = 1\n"), vec![], vec!["listen_port", "t.toml"]),
         (GOOD.replace("{DIR}/secret", "{DIR}/missing"), vec![], vec!["providers.backend.client_secret", "missing"]),
         (GOOD.replace("provider = \"backend\"", "provider = \"other\""), vec![], vec!["routes.0.provider", "other"]),

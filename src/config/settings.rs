@@ -134,8 +134,8 @@ pub struct UpstreamSpec {
     /// As written, for `tollgate check` and logs.
     pub url: String,
     pub tls: bool,
-    /// Resolved once at load time: the request path must not block on DNS.
-    pub addr: SocketAddr,
+    pub host: String,
+    pub port: u16,
     /// `host[:port]` for the Host header when the client's is not preserved.
     pub authority: HeaderValue,
     pub sni: String,

@@ -1,7 +1,7 @@
 //! Turns the raw file schema into [`Settings`], or into an error that names the key,
 //! where the value came from (file path or environment variable) and what was expected.
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -116,6 +116,21 @@ impl Validator<'_> {
                 return Err(self.err(format!("routes.{i}.name"), format!("duplicate route name `{}`", route.name)));
             }
             routes.push(route);
+        }
+        // A provider's header value is built once per token, so all its routes must agree
+        // on the prefix.
+        for (i, r) in routes.iter().enumerate() {
+            if let Some(first) = routes.iter().find(|o| o.provider.is_some() && o.provider == r.provider) {
+                if first.header_prefix != r.header_prefix {
+                    return Err(self.err(
+                        format!("routes.{i}.header_prefix"),
+                        format!(
+                            "routes using provider `{}` must share one header_prefix",
+                            r.provider.as_deref().unwrap_or("")
+                        ),
+                    ));
+                }
+            }
         }
         if routes.is_empty() {
             return Err(self.err("routes", "at least one `[[routes]]` entry is required"));
@@ -341,11 +356,6 @@ impl Validator<'_> {
         let tls = u.scheme() == "https";
         let host = u.host_str().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_string();
         let port = u.port_or_known_default().unwrap_or(if tls { 443 } else { 80 });
-        let addr = (host.as_str(), port)
-            .to_socket_addrs()
-            .map_err(|e| self.err(key, format!("cannot resolve `{host}`: {e}")))?
-            .next()
-            .ok_or_else(|| self.err(key, format!("`{host}` resolved to no address")))?;
         let authority = match u.port() {
             Some(p) => format!("{}:{p}", u.host_str().unwrap_or_default()),
             None => u.host_str().unwrap_or_default().to_string(),
@@ -358,9 +368,10 @@ impl Validator<'_> {
         Ok(UpstreamSpec {
             url: r.upstream.clone(),
             tls,
-            addr,
             authority,
-            sni: r.sni.clone().unwrap_or(host),
+            sni: r.sni.clone().unwrap_or_else(|| host.clone()),
+            host,
+            port,
             base_path: u.path().trim_end_matches('/').to_string(),
             ca_file: r.ca_file.clone(),
             tls_verify: r.tls_verify,
@@ -392,7 +403,7 @@ mod tests {
     fn base_config_is_valid() {
         let s = load_str(BASE, Path::new("t.toml")).unwrap();
         assert_eq!(s.routes[0].name, "route0");
-        assert_eq!(s.routes[0].upstream.addr.port(), 2);
+        assert_eq!(s.routes[0].upstream.port, 2);
         assert_eq!(s.providers[0].name, "backend");
     }
 

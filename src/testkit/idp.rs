@@ -203,22 +203,24 @@ fn oauth_error(status: StatusCode, code: &str) -> Response {
 
 /// Parse the body as the content type says; a body in the wrong encoding is a 400 as a
 /// real server would give.
-fn params(headers: &HeaderMap, body: &Bytes) -> Result<(String, HashMap<String, String>), Response> {
+/// A parsed body: its content type and fields; or the status and RFC 6749 error code.
+type Parsed = Result<(String, HashMap<String, String>), (StatusCode, &'static str)>;
+
+fn params(headers: &HeaderMap, body: &Bytes) -> Parsed {
     let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let map = if ct.starts_with("application/x-www-form-urlencoded") {
         url::form_urlencoded::parse(body).into_owned().collect()
     } else if ct.starts_with("application/json") {
-        let v: Value =
-            serde_json::from_slice(body).map_err(|_| oauth_error(StatusCode::BAD_REQUEST, "invalid_request"))?;
-        let Value::Object(o) = v else { return Err(oauth_error(StatusCode::BAD_REQUEST, "invalid_request")) };
+        let v: Value = serde_json::from_slice(body).map_err(|_| (StatusCode::BAD_REQUEST, "invalid_request"))?;
+        let Value::Object(o) = v else { return Err((StatusCode::BAD_REQUEST, "invalid_request")) };
         o.into_iter()
             .map(|(k, v)| match v {
                 Value::String(s) => Ok((k, s)),
-                _ => Err(oauth_error(StatusCode::BAD_REQUEST, "invalid_request")),
+                _ => Err((StatusCode::BAD_REQUEST, "invalid_request")),
             })
             .collect::<Result<_, _>>()?
     } else {
-        return Err(oauth_error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid_request"));
+        return Err((StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid_request"));
     };
     Ok((ct, map))
 }
@@ -273,7 +275,7 @@ async fn token(State(s): State<Arc<Inner>>, headers: HeaderMap, body: Bytes) -> 
     }
     let (_, p) = match parsed {
         Ok(x) => x,
-        Err(r) => return r,
+        Err((status, code)) => return oauth_error(status, code),
     };
     if !client_ok(&s.cfg, auth.as_deref(), &p) {
         return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client");

@@ -1,7 +1,7 @@
 //! Integration-test harness: runs the real `tollgate` binary as a child process on
 //! ephemeral loopback ports, captures everything it prints (for leak checks), and
 //! offers an HTTP client pointed at it.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -10,7 +10,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-#[allow(unused_imports)]
 pub use tollgate::testkit::idp::{Idp, IdpConfig, Mode};
 pub use tollgate::testkit::upstream::Upstream;
 pub use tollgate::testkit::Ledger;
