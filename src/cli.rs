@@ -41,6 +41,8 @@ pub enum Command {
         #[arg(long, short, env = "TOLLGATE_CONFIG")]
         config: PathBuf,
     },
+    /// Complete a human login step (OTP, 2FA code) against a running instance.
+    Login(crate::login::LoginArgs),
     /// Run a self-contained demonstration with a local token endpoint and echo upstream.
     Demo {
         #[arg(long, default_value = "127.0.0.1:8080")]
@@ -85,6 +87,13 @@ pub fn main() -> ExitCode {
                 }
             }
         }
+        Command::Login(args) => match crate::login::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(1)
+            }
+        },
         Command::Demo { listen, admin_listen, token_lifetime } => {
             match crate::demo::run(listen, admin_listen, token_lifetime) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -150,8 +159,37 @@ pub fn describe(s: &Settings) -> String {
                     if o.password.is_some() { config::REDACTED } else { "(none)" },
                 );
             }
+            SourceSpec::Http(h) => {
+                let _ = writeln!(
+                    out,
+                    "provider {}: step flow at {:?}, values {} (all redacted)",
+                    p.name,
+                    h.base_url.as_str(),
+                    h.vars.keys().cloned().collect::<Vec<_>>().join(", ")
+                );
+                for (flow, steps) in [("acquire", &h.acquire), ("refresh", &h.refresh), ("login", &h.login)] {
+                    for st in steps.iter() {
+                        let _ = writeln!(
+                            out,
+                            "  {flow} step {}: {} {:?} encoding {:?} headers [{}] fields [{}] extract [{}]{}",
+                            st.name,
+                            st.method,
+                            st.path,
+                            st.encoding,
+                            st.headers.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(", "),
+                            st.fields.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(", "),
+                            st.extract.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", "),
+                            if st.needs_code() { " (needs the human code)" } else { "" },
+                        );
+                    }
+                }
+            }
         }
     }
+    let _ = match &s.store {
+        config::StoreSettings::Memory => writeln!(out, "store: memory"),
+        config::StoreSettings::File(p) => writeln!(out, "store: file {}", p.display()),
+    };
     for r in &s.routes {
         let _ = writeln!(
             out,

@@ -10,11 +10,12 @@ use arc_swap::ArcSwap;
 use pingora::tls::x509::X509;
 use pingora::upstreams::peer::HttpPeer;
 use tokio::runtime::Handle;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::config::{ProviderSpec, RouteSpec, Settings};
 use crate::proxy::router::{RouteEntry, Router};
-use crate::token::refresher::Refresher;
+use crate::store::TokenStore;
+use crate::token::refresher::{Command, Refresher};
 use crate::token::TokenCell;
 
 /// A provider with its running refresher. Dropping the last handle stops the refresher
@@ -22,6 +23,8 @@ use crate::token::TokenCell;
 pub struct ProviderHandle {
     pub spec: ProviderSpec,
     pub cell: Arc<TokenCell>,
+    /// Login steps are run by the refresher, which owns all talk with the IdP.
+    pub commands: mpsc::Sender<Command>,
     _stop: watch::Sender<bool>,
 }
 
@@ -44,14 +47,15 @@ pub enum BuildError {
 pub struct Gateway {
     active: ArcSwap<Active>,
     handle: Handle,
+    store: Arc<dyn TokenStore>,
     inflight: AtomicUsize,
 }
 
 impl Gateway {
     /// Build and start refreshers on `handle` (the control runtime).
-    pub fn start(settings: Settings, handle: Handle) -> Result<Arc<Self>, BuildError> {
-        let active = build(Arc::new(settings), &BTreeMap::new(), &handle)?;
-        Ok(Arc::new(Gateway { active: ArcSwap::from_pointee(active), handle, inflight: AtomicUsize::new(0) }))
+    pub fn start(settings: Settings, handle: Handle, store: Arc<dyn TokenStore>) -> Result<Arc<Self>, BuildError> {
+        let active = build(Arc::new(settings), &BTreeMap::new(), &handle, &store)?;
+        Ok(Arc::new(Gateway { active: ArcSwap::from_pointee(active), handle, store, inflight: AtomicUsize::new(0) }))
     }
 
     #[inline]
@@ -67,7 +71,7 @@ impl Gateway {
     /// keep their cell, token and refresher; the others start afresh.
     pub fn reload(&self, settings: Settings) -> Result<ReloadSummary, BuildError> {
         let old = self.active.load_full();
-        let next = build(Arc::new(settings), &old.providers, &self.handle)?;
+        let next = build(Arc::new(settings), &old.providers, &self.handle, &self.store)?;
         let kept =
             next.providers.iter().filter(|(n, h)| old.providers.get(*n).is_some_and(|o| Arc::ptr_eq(o, h))).count();
         let summary = ReloadSummary { providers: next.providers.len(), kept, routes: next.router.entries().len() };
@@ -105,13 +109,14 @@ fn build(
     settings: Arc<Settings>,
     previous: &BTreeMap<String, Arc<ProviderHandle>>,
     handle: &Handle,
+    store: &Arc<dyn TokenStore>,
 ) -> Result<Active, BuildError> {
     let mut providers = BTreeMap::new();
     for spec in &settings.providers {
         let reused = previous.get(&spec.name).filter(|h| h.spec == *spec).cloned();
         let h = match reused {
             Some(h) => h,
-            None => Arc::new(start_provider(spec, &header_prefix(&settings, spec), handle)?),
+            None => Arc::new(start_provider(spec, &header_prefix(&settings, spec), handle, store)?),
         };
         providers.insert(spec.name.clone(), h);
     }
@@ -134,14 +139,27 @@ fn header_prefix(settings: &Settings, spec: &ProviderSpec) -> String {
         .unwrap_or_else(|| "Bearer ".to_string())
 }
 
-fn start_provider(spec: &ProviderSpec, prefix: &str, handle: &Handle) -> Result<ProviderHandle, BuildError> {
+fn start_provider(
+    spec: &ProviderSpec,
+    prefix: &str,
+    handle: &Handle,
+    store: &Arc<dyn TokenStore>,
+) -> Result<ProviderHandle, BuildError> {
     let source = crate::provider::build(spec).map_err(|e| BuildError::Provider(spec.name.clone(), e.detail))?;
     let cell = TokenCell::new(spec.name.clone());
     let (stop, stop_rx) = watch::channel(false);
-    let refresher =
-        Refresher { cell: Arc::clone(&cell), source, timing: spec.timing.clone(), header_prefix: prefix.to_string() };
-    handle.spawn(refresher.run(stop_rx));
-    Ok(ProviderHandle { spec: spec.clone(), cell, _stop: stop })
+    let (commands, commands_rx) = mpsc::channel(8);
+    let refresher = Refresher {
+        cell: Arc::clone(&cell),
+        source,
+        timing: spec.timing.clone(),
+        header_prefix: prefix.to_string(),
+        upstream_headers: spec.upstream_headers.clone(),
+        store: Arc::clone(store),
+        fingerprint: spec.fingerprint.clone(),
+    };
+    handle.spawn(refresher.run(stop_rx, commands_rx));
+    Ok(ProviderHandle { spec: spec.clone(), cell, commands, _stop: stop })
 }
 
 /// Resolve the upstream's host now, at start or reload, so that the request path never

@@ -117,6 +117,10 @@ impl Metrics {
             registry,
         };
         m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        // Both outcomes exist from start-up, so an alert on `rejected` works before the first reload.
+        for outcome in ["success", "rejected"] {
+            m.config_reload_total.with_label_values(&[outcome]);
+        }
         m
     }
 

@@ -24,6 +24,8 @@ pub enum RunError {
     Bind { key: &'static str, addr: SocketAddr, reason: String },
     #[error(transparent)]
     Build(#[from] crate::gateway::BuildError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
 }
 
 /// The control runtime: two threads are plenty for refreshers and the admin API.
@@ -58,7 +60,9 @@ pub fn run(settings: Settings, config_path: Option<PathBuf>, rt: tokio::runtime:
     })?);
 
     let _ = metrics::get();
-    let gateway = Gateway::start(settings, rt.handle().clone())?;
+    let store = crate::store::open(&settings.store)?;
+    info!(store = %store.describe(), "token store");
+    let gateway = Gateway::start(settings, rt.handle().clone(), store)?;
     {
         let gw = Arc::clone(&gateway);
         rt.spawn(async move {
@@ -66,6 +70,9 @@ pub fn run(settings: Settings, config_path: Option<PathBuf>, rt: tokio::runtime:
                 error!(error = %e, "admin listener failed");
             }
         });
+    }
+    if let Some(path) = &config_path {
+        rt.spawn(crate::reload::watch(Arc::clone(&gateway), path.clone()));
     }
     rt.spawn(reload_on_sighup(Arc::clone(&gateway), config_path));
 

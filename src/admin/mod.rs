@@ -27,6 +27,8 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/admin/providers", get(providers::list))
         .route("/admin/providers/{name}", get(providers::one))
         .route("/admin/providers/{name}/refresh", post(providers::refresh))
+        .route("/admin/providers/{name}/login", post(providers::login_start))
+        .route("/admin/providers/{name}/login/code", post(providers::login_code))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(gateway.clone(), require_token))
         .with_state(gateway)

@@ -10,8 +10,13 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
+use tokio::sync::oneshot;
+
 use super::error;
+use crate::config::Secret;
 use crate::gateway::{Gateway, ProviderHandle};
+use crate::provider::FetchError;
+use crate::token::refresher::Command;
 
 fn ts(t: Option<SystemTime>) -> Value {
     match t {
@@ -93,4 +98,78 @@ pub(super) async fn refresh(State(gw): State<Arc<Gateway>>, Path(name): Path<Str
 
 fn unknown(name: &str) -> Response {
     error(StatusCode::NOT_FOUND, "unknown_provider", &format!("no provider named `{name}`"))
+}
+
+/// The code, as JSON `{"code": "…"}` or a plain-text body.
+fn code_from(body: &[u8]) -> Option<Secret> {
+    let text = std::str::from_utf8(body).ok()?.trim();
+    let code = match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(o)) => o.get("code").and_then(Value::as_str).map(str::to_string)?,
+        _ => text.to_string(),
+    };
+    let code = code.trim().to_string();
+    (!code.is_empty() && code.len() <= 256 && !code.chars().any(char::is_control)).then(|| Secret::new(code))
+}
+
+async fn send(
+    h: &ProviderHandle,
+    cmd: impl FnOnce(oneshot::Sender<Result<(), FetchError>>) -> Command,
+) -> Result<(), Response> {
+    let (tx, rx) = oneshot::channel();
+    if h.commands.send(cmd(tx)).await.is_err() {
+        return Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "provider_stopped",
+            "the provider is being replaced; try again",
+        ));
+    }
+    match tokio::time::timeout(Duration::from_secs(60), rx).await {
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(e))) => {
+            let code = if e.class.is_credential() { StatusCode::UNPROCESSABLE_ENTITY } else { StatusCode::BAD_GATEWAY };
+            Err((code, Json(json!({"error": e.class.as_str(), "message": e.detail, "provider": h.spec.name})))
+                .into_response())
+        }
+        _ => Err(error(StatusCode::GATEWAY_TIMEOUT, "timeout", "the identity provider did not answer in time")),
+    }
+}
+
+/// Start a human login: run the steps before the code (e.g. have the IdP send an OTP).
+pub(super) async fn login_start(State(gw): State<Arc<Gateway>>, Path(name): Path<String>) -> Response {
+    let active = gw.snapshot();
+    let Some(h) = active.providers.get(&name) else {
+        return unknown(&name);
+    };
+    match send(h, Command::LoginStart).await {
+        Ok(()) => Json(json!({
+            "provider": name,
+            "state": h.cell.state().as_str(),
+            "message": format!("login started; deliver the code with `tollgate login {name} --code …` or POST /admin/providers/{name}/login/code"),
+        }))
+        .into_response(),
+        Err(r) => r,
+    }
+}
+
+/// Finish a human login with the code (JSON `{"code": "…"}` or the bare code).
+pub(super) async fn login_code(
+    State(gw): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let active = gw.snapshot();
+    let Some(h) = active.providers.get(&name) else {
+        return unknown(&name);
+    };
+    let Some(code) = code_from(&body) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_code",
+            "send the code as {\"code\": \"…\"} or as a plain-text body",
+        );
+    };
+    match send(h, move |tx| Command::LoginCode(code, tx)).await {
+        Ok(()) => Json(describe(h)).into_response(),
+        Err(r) => r,
+    }
 }

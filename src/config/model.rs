@@ -21,6 +21,25 @@ pub struct FileConfig {
     pub providers: BTreeMap<String, ProviderConfig>,
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    #[serde(default)]
+    pub store: StoreConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreKind {
+    Memory,
+    File,
+}
+
+/// Where tokens outlive the process.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Default: `file` when any provider needs a human login, else `memory`.
+    pub kind: Option<StoreKind>,
+    /// Default: `/var/lib/tollgate/tokens.json`.
+    pub path: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -80,6 +99,41 @@ impl Default for AdminConfig {
 #[serde(rename_all = "snake_case")]
 pub enum ProviderKind {
     Oauth2,
+    /// The declarative step engine, for vendors without a preset.
+    Http,
+    Tnid,
+    Etna,
+    ThrillId,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepEncodingConfig {
+    #[default]
+    Json,
+    Form,
+    None,
+}
+
+/// One HTTP request of a `kind = "http"` flow.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepConfig {
+    pub name: Option<String>,
+    /// Default POST.
+    pub method: Option<String>,
+    /// Appended to `base_url`; may use `{placeholders}`.
+    pub path: String,
+    #[serde(default)]
+    pub encoding: StepEncodingConfig,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default)]
+    pub fields: BTreeMap<String, String>,
+    /// Variable name → JSON pointer into the response (`token`, `expires_in` and
+    /// `refresh_token` have meaning to tollgate; other names feed later steps).
+    #[serde(default)]
+    pub extract: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -156,6 +210,44 @@ pub struct ProviderConfig {
     pub backoff_max: Option<Duration>,
     /// PEM file with extra CA certificates trusted for the token endpoint.
     pub ca_file: Option<PathBuf>,
+
+    /// Headers added to proxied requests, rendered from config values and what the
+    /// token response held (e.g. `{ "X-Org-Id" = "{org_id}" }`, `{ "Et-App-Key" = "{app_key}" }`).
+    #[serde(default)]
+    pub upstream_headers: BTreeMap<String, String>,
+
+    // --- seed 002 OTP (kind = "oauth2", grant = "password") ---
+    /// `POST` here with `otp_email` or `otp_phone` sends a one-time password, used as the
+    /// password grant's `password`.
+    pub otp_url: Option<String>,
+    pub otp_email: Option<String>,
+    pub otp_phone: Option<String>,
+
+    // --- kind = "http", "tnid", "etna", "thrill_id" ---
+    pub base_url: Option<String>,
+    /// Non-secret values for `{placeholders}`.
+    #[serde(default)]
+    pub params: BTreeMap<String, String>,
+    /// Secret values for `{placeholders}`.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, SecretSource>,
+    #[serde(default)]
+    pub acquire: Vec<StepConfig>,
+    #[serde(default)]
+    pub refresh: Vec<StepConfig>,
+    #[serde(default)]
+    pub login: Vec<StepConfig>,
+    /// Extracted values the admin API may show.
+    #[serde(default)]
+    pub show: Vec<String>,
+    // TNID
+    pub telephone_number: Option<String>,
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+    pub email: Option<String>,
+    // Etna
+    pub app_key: Option<SecretSource>,
+    pub two_factor: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]

@@ -10,6 +10,8 @@ use http::{HeaderName, HeaderValue};
 
 use super::model::{AuthorizationPolicy, ClientAuth, Encoding, Grant};
 use super::secret::Secret;
+pub use crate::provider::steps::{HttpFlowSpec, StepEncoding, StepSpec};
+use crate::provider::template::Template;
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -19,6 +21,13 @@ pub struct Settings {
     pub routes: Vec<RouteSpec>,
     /// The config file itself and every secret file, for the reload watcher.
     pub watched_files: Vec<PathBuf>,
+    pub store: StoreSettings,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreSettings {
+    Memory,
+    File(PathBuf),
 }
 
 impl Settings {
@@ -50,19 +59,49 @@ pub struct ProviderSpec {
     pub source: SourceSpec,
     pub timing: Timing,
     pub http: HttpClientSpec,
+    /// Added to proxied requests; rendered once per token.
+    pub upstream_headers: Vec<(HeaderName, Template)>,
+    /// Identifies the account a stored token belongs to (kind, endpoint, non-secret
+    /// identity such as client id, username or phone number), so that a token stored for
+    /// another account or IdP is never loaded. Derived from no secret.
+    pub fingerprint: String,
 }
 
+/// FNV-1a: a stable, dependency-free hash for fingerprints (not for security).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in bytes {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+// Built once per config load and never moved on a hot path; boxing would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum SourceSpec {
     OAuth2(OAuth2Spec),
+    /// The step engine; `kind` is what the config said (`http` or a preset).
+    Http(HttpFlowSpec),
 }
 
 impl SourceSpec {
     pub fn kind(&self) -> &'static str {
         match self {
             SourceSpec::OAuth2(_) => "oauth2",
+            SourceSpec::Http(_) => "http",
         }
     }
+}
+
+/// Seed 002's one-time password sender.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OtpSpec {
+    pub url: url::Url,
+    /// `email` or `phone`.
+    pub field: String,
+    pub value: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -80,6 +119,7 @@ pub struct OAuth2Spec {
     pub extra_params: Vec<(String, String)>,
     pub extra_headers: Vec<(HeaderName, HeaderValue)>,
     pub use_refresh_token: bool,
+    pub otp: Option<OtpSpec>,
 }
 
 /// When to refresh and how to back off. Defaults are chosen for IdPs issuing tokens of

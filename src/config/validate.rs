@@ -8,10 +8,61 @@ use std::time::Duration;
 use figment::Figment;
 use http::{HeaderName, HeaderValue};
 
-use super::model::{ClientAuth, FileConfig, Grant, ProviderConfig, ProviderKind, RouteConfig};
+use super::model::{
+    ClientAuth, FileConfig, Grant, ProviderConfig, ProviderKind, RouteConfig, StepConfig, StepEncodingConfig, StoreKind,
+};
 use super::secret::{Secret, SecretSource};
 use super::settings::*;
 use super::ConfigError;
+use crate::provider::presets;
+use crate::provider::template::{Template, Vars};
+
+/// Where the file store lives unless `store.path` says otherwise.
+pub const DEFAULT_STORE_PATH: &str = "/var/lib/tollgate/tokens.json";
+
+/// Keys every provider kind accepts.
+const COMMON_KEYS: &[&str] = &[
+    "kind",
+    "refresh_before",
+    "lifetime",
+    "max_lifetime",
+    "expiry_margin",
+    "timeout",
+    "connect_timeout",
+    "backoff_min",
+    "backoff_max",
+    "ca_file",
+    "upstream_headers",
+    "encoding",
+    "client_auth",
+    "use_refresh_token",
+];
+
+/// Keys specific to each kind; anything else set on a provider is an error, so a key
+/// meant for another kind is never silently ignored.
+fn kind_keys(kind: ProviderKind) -> &'static [&'static str] {
+    match kind {
+        ProviderKind::Oauth2 => &[
+            "token_url",
+            "grant",
+            "client_id",
+            "client_secret",
+            "username",
+            "password",
+            "scope",
+            "audience",
+            "extra_params",
+            "extra_headers",
+            "otp_url",
+            "otp_email",
+            "otp_phone",
+        ],
+        ProviderKind::Http => &["base_url", "params", "secrets", "acquire", "refresh", "login", "show"],
+        ProviderKind::Tnid => &["base_url", "telephone_number", "first_name", "last_name", "email"],
+        ProviderKind::Etna => &["base_url", "username", "password", "app_key", "two_factor"],
+        ProviderKind::ThrillId => &["base_url", "username", "password"],
+    }
+}
 
 /// Extract and validate.
 pub(super) fn validate(figment: &Figment, path: &Path) -> Result<Settings, ConfigError> {
@@ -136,12 +187,31 @@ impl Validator<'_> {
             return Err(self.err("routes", "at least one `[[routes]]` entry is required"));
         }
 
+        let needs_human = raw.providers.values().any(|p| {
+            matches!(p.kind, ProviderKind::Tnid)
+                || (p.kind == ProviderKind::Etna && p.two_factor != Some(false))
+                || p.otp_url.is_some()
+                || (p.kind == ProviderKind::Http && !p.login.is_empty())
+        });
+        let store = match (raw.store.kind, needs_human) {
+            (Some(StoreKind::Memory), _) | (None, false) => {
+                if raw.store.path.is_some() {
+                    return Err(self.err("store.path", "is only used with `store.kind = \"file\"`"));
+                }
+                StoreSettings::Memory
+            }
+            (Some(StoreKind::File), _) | (None, true) => {
+                StoreSettings::File(raw.store.path.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_STORE_PATH)))
+            }
+        };
+
         Ok(Settings {
             proxy,
             admin: AdminSettings { listen: admin_listen, token: admin_token },
             providers,
             routes,
             watched_files: watched,
+            store,
         })
     }
 
@@ -211,10 +281,246 @@ impl Validator<'_> {
             }
         }
 
-        let source = match p.kind {
-            ProviderKind::Oauth2 => SourceSpec::OAuth2(self.oauth2(name, p, watched)?),
+        self.check_keys(name, p)?;
+        let (source, fingerprint) = match p.kind {
+            ProviderKind::Oauth2 => {
+                let o = self.oauth2(name, p, watched)?;
+                let fp = format!(
+                    "oauth2|{}|{:?}|{}|{}|{}",
+                    o.token_url,
+                    o.grant,
+                    o.client_id.as_deref().unwrap_or(""),
+                    o.username.as_deref().or(o.otp.as_ref().map(|x| x.value.as_str())).unwrap_or(""),
+                    o.scope.as_deref().unwrap_or("")
+                );
+                (SourceSpec::OAuth2(o), fp)
+            }
+            _ => {
+                let (h, identity) = self.http_flow(name, p, watched)?;
+                let fp = format!("{:?}|{}|{}", p.kind, h.base_url, identity);
+                (SourceSpec::Http(h), fp)
+            }
         };
-        Ok(ProviderSpec { name: name.to_string(), source, timing, http })
+        let mut upstream_headers = Vec::new();
+        for (k, v) in &p.upstream_headers {
+            let hk = key(&format!("upstream_headers.{k}"));
+            let n = HeaderName::from_bytes(k.as_bytes())
+                .map_err(|_| self.err(&hk, format!("`{k}` is not a valid header name")))?;
+            let t = Template::parse(v).map_err(|e| self.err(&hk, e.to_string()))?;
+            upstream_headers.push((n, t));
+        }
+        Ok(ProviderSpec {
+            name: name.to_string(),
+            source,
+            timing,
+            http,
+            upstream_headers,
+            fingerprint: format!("{:016x}", fnv1a(fingerprint.as_bytes())),
+        })
+    }
+
+    fn check_keys(&self, name: &str, p: &ProviderConfig) -> Result<(), ConfigError> {
+        let Ok(serde_json::Value::Object(set)) = serde_json::to_value(p) else {
+            return Ok(());
+        };
+        let allowed = kind_keys(p.kind);
+        for (k, v) in set {
+            let empty = match &v {
+                serde_json::Value::Null => true,
+                serde_json::Value::Object(o) => o.is_empty(),
+                serde_json::Value::Array(a) => a.is_empty(),
+                _ => false,
+            };
+            if !empty && !COMMON_KEYS.contains(&k.as_str()) && !allowed.contains(&k.as_str()) {
+                let kind =
+                    serde_json::to_value(p.kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+                return Err(self.err(format!("providers.{name}.{k}"), format!("is not used by kind `{kind}`")));
+            }
+        }
+        Ok(())
+    }
+
+    fn required<'a>(&self, name: &str, k: &str, v: &'a Option<String>, kind: &str) -> Result<&'a str, ConfigError> {
+        v.as_deref().ok_or_else(|| self.err(format!("providers.{name}.{k}"), format!("is required for kind `{kind}`")))
+    }
+
+    fn required_secret(
+        &self,
+        name: &str,
+        k: &str,
+        v: &Option<SecretSource>,
+        kind: &str,
+        watched: &mut Vec<PathBuf>,
+    ) -> Result<Secret, ConfigError> {
+        match v {
+            Some(src) => self.secret(&format!("providers.{name}.{k}"), src, watched),
+            None => Err(self.err(format!("providers.{name}.{k}"), format!("is required for kind `{kind}`"))),
+        }
+    }
+
+    /// The step-engine kinds: `http` as written, or a preset. Returns the flow and the
+    /// non-secret identity for the store fingerprint.
+    fn http_flow(
+        &self,
+        name: &str,
+        p: &ProviderConfig,
+        watched: &mut Vec<PathBuf>,
+    ) -> Result<(HttpFlowSpec, String), ConfigError> {
+        let key = |k: &str| format!("providers.{name}.{k}");
+        let base = match &p.base_url {
+            Some(u) => self.http_url(&key("base_url"), u)?,
+            None => return Err(self.err(key("base_url"), "is required")),
+        };
+        let mut vars = Vars::new();
+        let preset_err =
+            |e: crate::provider::template::TemplateError| self.err(format!("providers.{name}"), e.to_string());
+        let (flow, identity) = match p.kind {
+            ProviderKind::Tnid => {
+                let phone = self.required(name, "telephone_number", &p.telephone_number, "tnid")?;
+                vars.insert("telephone_number".into(), Secret::new(phone));
+                for (k, v) in [("first_name", &p.first_name), ("last_name", &p.last_name), ("email", &p.email)] {
+                    if let Some(v) = v {
+                        vars.insert(k.into(), Secret::new(v.as_str()));
+                    }
+                }
+                (presets::tnid(base, vars).map_err(preset_err)?, phone.to_string())
+            }
+            ProviderKind::Etna => {
+                let user = self.required(name, "username", &p.username, "etna")?;
+                vars.insert("username".into(), Secret::new(user));
+                vars.insert("password".into(), self.required_secret(name, "password", &p.password, "etna", watched)?);
+                vars.insert("app_key".into(), self.required_secret(name, "app_key", &p.app_key, "etna", watched)?);
+                (presets::etna(base, vars, p.two_factor.unwrap_or(true)).map_err(preset_err)?, user.to_string())
+            }
+            ProviderKind::ThrillId => {
+                let user = self.required(name, "username", &p.username, "thrill_id")?;
+                vars.insert("username".into(), Secret::new(user));
+                vars.insert(
+                    "password".into(),
+                    self.required_secret(name, "password", &p.password, "thrill_id", watched)?,
+                );
+                (presets::thrill_id(base, vars).map_err(preset_err)?, user.to_string())
+            }
+            _ => {
+                for (k, v) in &p.params {
+                    vars.insert(k.clone(), Secret::new(v.as_str()));
+                }
+                for (k, src) in &p.secrets {
+                    if vars.contains_key(k) {
+                        return Err(self.err(key(&format!("secrets.{k}")), "is also defined in `params`"));
+                    }
+                    vars.insert(k.clone(), self.secret(&key(&format!("secrets.{k}")), src, watched)?);
+                }
+                let acquire = self.steps(name, "acquire", &p.acquire)?;
+                let refresh = self.steps(name, "refresh", &p.refresh)?;
+                let login = self.steps(name, "login", &p.login)?;
+                if acquire.is_empty() && login.is_empty() {
+                    return Err(
+                        self.err(key("acquire"), "a `kind = \"http\"` provider needs `acquire` or `login` steps")
+                    );
+                }
+                if !login.is_empty() && !login.iter().any(StepSpec::needs_code) {
+                    return Err(self.err(key("login"), "login steps must use the human-supplied `{code}` somewhere"));
+                }
+                let flow = HttpFlowSpec { base_url: base, vars, acquire, refresh, login, public: p.show.clone() };
+                let identity: Vec<String> = p.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                (flow, identity.join("&"))
+            }
+        };
+        self.check_flow_vars(name, &flow)?;
+        Ok((flow, identity))
+    }
+
+    fn steps(&self, name: &str, flow: &str, steps: &[StepConfig]) -> Result<Vec<StepSpec>, ConfigError> {
+        let mut out = Vec::new();
+        for (i, st) in steps.iter().enumerate() {
+            let key = |k: &str| format!("providers.{name}.{flow}.{i}.{k}");
+            let method = match &st.method {
+                Some(m) => http::Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+                    .map_err(|_| self.err(key("method"), format!("`{m}` is not an HTTP method")))?,
+                None => http::Method::POST,
+            };
+            let encoding = match st.encoding {
+                StepEncodingConfig::Json => StepEncoding::Json,
+                StepEncodingConfig::Form => StepEncoding::Form,
+                StepEncodingConfig::None => StepEncoding::None,
+            };
+            if encoding == StepEncoding::None && !st.fields.is_empty() {
+                return Err(self.err(key("fields"), "`encoding = \"none\"` sends no body; put values in `headers`"));
+            }
+            let mut headers = Vec::new();
+            for (k, v) in &st.headers {
+                let n = HeaderName::from_bytes(k.as_bytes())
+                    .map_err(|_| self.err(key("headers"), format!("`{k}` is not a valid header name")))?;
+                headers
+                    .push((n, Template::parse(v).map_err(|e| self.err(key(&format!("headers.{k}")), e.to_string()))?));
+            }
+            let mut fields = Vec::new();
+            for (k, v) in &st.fields {
+                fields.push((
+                    k.clone(),
+                    Template::parse(v).map_err(|e| self.err(key(&format!("fields.{k}")), e.to_string()))?,
+                ));
+            }
+            for (var, ptr) in &st.extract {
+                if !(ptr.is_empty() || ptr.starts_with('/')) {
+                    return Err(self.err(
+                        key(&format!("extract.{var}")),
+                        format!("`{ptr}` is not a JSON pointer (e.g. `/access_token`)"),
+                    ));
+                }
+            }
+            out.push(StepSpec {
+                name: st.name.clone().unwrap_or_else(|| format!("{flow}[{i}]")),
+                method,
+                path: Template::parse(&st.path).map_err(|e| self.err(key("path"), e.to_string()))?,
+                encoding,
+                headers,
+                fields,
+                extract: st.extract.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Every `{placeholder}` must name a config value, `code`, or something a step
+    /// extracts, so that a typo fails at load time rather than at the first refresh.
+    fn check_flow_vars(&self, name: &str, flow: &HttpFlowSpec) -> Result<(), ConfigError> {
+        let mut known: Vec<String> = flow.vars.keys().cloned().collect();
+        known.push("code".into());
+        known.push("token".into());
+        known.push("refresh_token".into());
+        for st in flow.acquire.iter().chain(&flow.refresh).chain(&flow.login) {
+            known.extend(st.extract.iter().map(|(k, _)| k.clone()));
+        }
+        let has_token = flow.acquire.iter().chain(&flow.login).any(|s| s.extract.iter().any(|(k, _)| k == "token"));
+        if !has_token {
+            return Err(self.err(format!("providers.{name}"), "no step extracts `token`"));
+        }
+        for (flow_name, steps) in [("acquire", &flow.acquire), ("refresh", &flow.refresh), ("login", &flow.login)] {
+            for (i, st) in steps.iter().enumerate() {
+                let used = st
+                    .path
+                    .vars()
+                    .chain(st.headers.iter().flat_map(|(_, t)| t.vars()))
+                    .chain(st.fields.iter().flat_map(|(_, t)| t.vars()));
+                for v in used {
+                    if !known.iter().any(|k| k == v) {
+                        return Err(self.err(
+                            format!("providers.{name}.{flow_name}.{i}"),
+                            format!("`{{{v}}}` is neither a param, a secret, `code`, nor extracted by any step"),
+                        ));
+                    }
+                    if v == "code" && flow_name != "login" {
+                        return Err(self.err(
+                            format!("providers.{name}.{flow_name}.{i}"),
+                            "`{code}` may only be used in `login` steps",
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     fn oauth2(&self, name: &str, p: &ProviderConfig, watched: &mut Vec<PathBuf>) -> Result<OAuth2Spec, ConfigError> {
@@ -232,13 +538,35 @@ impl Validator<'_> {
             Some(s) => Some(self.secret(&key("password"), s, watched)?),
             None => None,
         };
+        let otp = match (&p.otp_url, &p.otp_email, &p.otp_phone) {
+            (None, None, None) => None,
+            (Some(u), email, phone) => {
+                let url = self.http_url(&key("otp_url"), u)?;
+                let (field, value) = match (email, phone) {
+                    (Some(e), None) => ("email", e.clone()),
+                    (None, Some(ph)) => ("phone", ph.clone()),
+                    _ => return Err(self.err(key("otp_url"), "needs exactly one of `otp_email` or `otp_phone`")),
+                };
+                if grant != Grant::Password || password.is_some() {
+                    return Err(self.err(
+                        key("otp_url"),
+                        "the one-time password replaces `password`: use `grant = \"password\"` and leave `password` unset",
+                    ));
+                }
+                Some(OtpSpec { url, field: field.into(), value })
+            }
+            _ => return Err(self.err(key("otp_email"), "is only used with `otp_url`")),
+        };
         match grant {
             Grant::Password => {
                 if p.username.is_none() {
                     return Err(self.err(key("username"), "is required with `grant = \"password\"`"));
                 }
-                if password.is_none() {
-                    return Err(self.err(key("password"), "is required with `grant = \"password\"`"));
+                if password.is_none() && otp.is_none() {
+                    return Err(self.err(
+                        key("password"),
+                        "is required with `grant = \"password\"` (or `otp_url` for one-time passwords)",
+                    ));
                 }
             }
             Grant::ClientCredentials => {
@@ -283,6 +611,7 @@ impl Validator<'_> {
             extra_params: p.extra_params.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             extra_headers,
             use_refresh_token: p.use_refresh_token,
+            otp,
         })
     }
 

@@ -3,7 +3,10 @@
 
 pub mod error;
 pub mod oauth2;
+pub mod presets;
 pub(crate) mod response;
+pub mod steps;
+pub mod template;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -21,8 +24,11 @@ pub struct TokenSet {
     pub expires_in: Option<serde_json::Value>,
     pub refresh_token: Option<Secret>,
     pub scope: Option<String>,
-    /// Non-secret fields surfaced in the admin API (e.g. Thrill-ID's `access_to`).
+    /// Non-secret fields surfaced in the admin API (e.g. Thrill-ID's `access_to.org_id`).
     pub extras: BTreeMap<String, String>,
+    /// Everything the flow extracted (secret): what a refresh flow, upstream headers and
+    /// the token store need.
+    pub vars: template::Vars,
 }
 
 #[async_trait]
@@ -42,11 +48,39 @@ pub trait TokenSource: Send + Sync {
         let _ = previous;
         false
     }
+
+    /// Whether `acquire` works without a human (false: only a login produces a token).
+    fn can_acquire(&self) -> bool {
+        true
+    }
+
+    /// Whether the provider has a human login flow (an OTP or 2FA code).
+    fn has_login(&self) -> bool {
+        false
+    }
+
+    /// Run the login steps before the code (e.g. have the IdP send an OTP). Returns what
+    /// those steps extracted, to be handed back to [`TokenSource::login_complete`].
+    async fn login_start(&self) -> Result<template::Vars, FetchError> {
+        Err(FetchError::new(ErrorClass::Rejected, "this provider has no login flow"))
+    }
+
+    /// Finish the login with the human-supplied code.
+    async fn login_complete(&self, pending: &template::Vars, code: &Secret) -> Result<TokenSet, FetchError> {
+        let _ = (pending, code);
+        Err(FetchError::new(ErrorClass::Rejected, "this provider has no login flow"))
+    }
+
+    /// Config values (params and secrets) templates may refer to, for upstream headers.
+    fn config_vars(&self) -> Option<&template::Vars> {
+        None
+    }
 }
 
 /// Build the source a provider spec describes.
 pub fn build(spec: &ProviderSpec) -> Result<Arc<dyn TokenSource>, FetchError> {
     match &spec.source {
         SourceSpec::OAuth2(o) => Ok(Arc::new(oauth2::OAuth2Source::new(o.clone(), &spec.http)?)),
+        SourceSpec::Http(h) => Ok(Arc::new(steps::HttpFlowSource::new(h.clone(), &spec.http)?)),
     }
 }

@@ -9,9 +9,10 @@ use serde_json::{Map, Value};
 
 use super::error::{ErrorClass, FetchError};
 use super::response::{self, string_at};
+use super::template::Vars;
 use super::{TokenSet, TokenSource};
 use crate::config::model::{ClientAuth, Encoding, Grant};
-use crate::config::{HttpClientSpec, OAuth2Spec, Secret};
+use crate::config::{HttpClientSpec, OAuth2Spec, OtpSpec, Secret};
 
 pub struct OAuth2Source {
     spec: OAuth2Spec,
@@ -31,7 +32,7 @@ impl OAuth2Source {
 
     /// The grant's parameters, in order, as (name, value). Secrets are exposed here and
     /// only here, straight into the request body.
-    fn params<'a>(&'a self, refresh_token: Option<&'a Secret>) -> Vec<(&'a str, &'a str)> {
+    fn params<'a>(&'a self, refresh_token: Option<&'a Secret>, otp: Option<&'a Secret>) -> Vec<(&'a str, &'a str)> {
         let s = &self.spec;
         let mut p: Vec<(&str, &str)> = Vec::with_capacity(8);
         match refresh_token {
@@ -46,7 +47,8 @@ impl OAuth2Source {
                     if let Some(u) = &s.username {
                         p.push(("username", u));
                     }
-                    if let Some(pw) = &s.password {
+                    // Seed 002: a one-time password mailed by `/otp/send` stands in for the password.
+                    if let Some(pw) = otp.or(s.password.as_ref()) {
                         p.push(("password", pw.expose()));
                     }
                 }
@@ -82,8 +84,8 @@ impl OAuth2Source {
         p
     }
 
-    async fn request(&self, refresh_token: Option<&Secret>) -> Result<TokenSet, FetchError> {
-        let params = self.params(refresh_token);
+    async fn request(&self, refresh_token: Option<&Secret>, otp: Option<&Secret>) -> Result<TokenSet, FetchError> {
+        let params = self.params(refresh_token, otp);
         let mut headers = HeaderMap::new();
         headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
         for (k, v) in &self.spec.extra_headers {
@@ -115,12 +117,19 @@ pub fn parse_token_response(body: &[u8]) -> Result<TokenSet, FetchError> {
     let v = response::json_object(body)?;
     let token = string_at(&v, "/access_token")
         .ok_or_else(|| FetchError::new(ErrorClass::Malformed, "response has no access_token string"))?;
+    let refresh_token = string_at(&v, "/refresh_token").map(Secret::new);
+    let mut vars = Vars::new();
+    vars.insert("token".into(), Secret::new(token));
+    if let Some(rt) = &refresh_token {
+        vars.insert("refresh_token".into(), rt.clone());
+    }
     Ok(TokenSet {
         access_token: Secret::new(token),
         expires_in: v.get("expires_in").cloned(),
-        refresh_token: string_at(&v, "/refresh_token").map(Secret::new),
+        refresh_token,
         scope: string_at(&v, "/scope").map(str::to_string),
         extras: Default::default(),
+        vars,
     })
 }
 
@@ -140,13 +149,19 @@ pub fn basic_auth(client_id: &str, secret: &Secret) -> Result<HeaderValue, Fetch
 #[async_trait]
 impl TokenSource for OAuth2Source {
     async fn acquire(&self) -> Result<TokenSet, FetchError> {
-        self.request(None).await
+        if self.spec.otp.is_some() {
+            return Err(FetchError::new(
+                ErrorClass::InvalidGrant,
+                "this provider needs a one-time password (`tollgate login`)",
+            ));
+        }
+        self.request(None, None).await
     }
 
     async fn refresh(&self, previous: &TokenSet) -> Result<TokenSet, FetchError> {
         match &previous.refresh_token {
             Some(rt) => {
-                let mut next = self.request(Some(rt)).await?;
+                let mut next = self.request(Some(rt), None).await?;
                 // RFC 6749 section 6: the IdP may keep the old refresh token valid and omit it.
                 if next.refresh_token.is_none() {
                     next.refresh_token = Some(rt.clone());
@@ -160,6 +175,46 @@ impl TokenSource for OAuth2Source {
     fn can_refresh(&self, previous: &TokenSet) -> bool {
         self.spec.use_refresh_token && previous.refresh_token.is_some()
     }
+
+    fn can_acquire(&self) -> bool {
+        self.spec.otp.is_none()
+    }
+
+    fn has_login(&self) -> bool {
+        self.spec.otp.is_some()
+    }
+
+    /// Seed 002's `POST /otp/send` with `email` or `phone`. The endpoint answers success
+    /// even for unknown users, so success here only means "sent, if the user exists".
+    async fn login_start(&self) -> Result<Vars, FetchError> {
+        let Some(otp) = &self.spec.otp else {
+            return Err(FetchError::new(ErrorClass::Rejected, "this provider has no login flow"));
+        };
+        send_otp(&self.client, otp).await?;
+        Ok(Vars::new())
+    }
+
+    async fn login_complete(&self, _pending: &Vars, code: &Secret) -> Result<TokenSet, FetchError> {
+        self.request(None, Some(code)).await
+    }
+}
+
+async fn send_otp(client: &reqwest::Client, otp: &OtpSpec) -> Result<(), FetchError> {
+    let mut body = Map::new();
+    body.insert(otp.field.clone(), Value::String(otp.value.clone()));
+    let resp = client
+        .post(otp.url.clone())
+        .header(ACCEPT, "application/json")
+        .json(&body)
+        .send()
+        .await
+        .map_err(response::transport_error)?;
+    if !resp.status().is_success() {
+        let mut e = response::error_response(resp).await;
+        e.detail = format!("otp send: {}", e.detail);
+        return Err(e);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -182,6 +182,9 @@ impl ProxyHttp for TollgateProxy {
                 },
             };
             req.insert_header(spec.header_name.clone(), token.header.clone())?;
+            for (k, v) in &token.upstream_headers {
+                req.insert_header(k.clone(), v.clone())?;
+            }
             ctx.token = Some(token);
         }
         Ok(())

@@ -84,6 +84,9 @@ impl SeenRequest {
 
 struct Inner {
     cfg: IdpConfig,
+    /// The accepted client secret; starts as `cfg.client_secret`, changed by
+    /// [`Idp::set_client_secret`] to play a credential rotation.
+    client_secret: Mutex<String>,
     ledger: Ledger,
     mode: Mutex<Mode>,
     reject_refresh: std::sync::atomic::AtomicBool,
@@ -91,6 +94,9 @@ struct Inner {
     refresh_tokens: Mutex<HashMap<String, ()>>,
     counter: AtomicU64,
     delay: Mutex<Duration>,
+    /// One-time passwords "mailed" by `/otp/send`, by email or phone.
+    otps: Mutex<HashMap<String, String>>,
+    otp_sends: AtomicU64,
 }
 
 /// A running token endpoint double.
@@ -106,6 +112,7 @@ impl Idp {
     pub async fn start(cfg: IdpConfig, ledger: Ledger) -> std::io::Result<Self> {
         let (listener, addr) = super::bind_loopback().await?;
         let inner = Arc::new(Inner {
+            client_secret: Mutex::new(cfg.client_secret.clone()),
             cfg,
             ledger,
             mode: Mutex::new(Mode::Normal),
@@ -114,6 +121,8 @@ impl Idp {
             refresh_tokens: Mutex::new(HashMap::new()),
             counter: AtomicU64::new(0),
             delay: Mutex::new(Duration::ZERO),
+            otps: Mutex::new(HashMap::new()),
+            otp_sends: AtomicU64::new(0),
         });
         let idp = Idp { inner, addr, stop: Arc::new(Mutex::new(None)) };
         idp.serve(listener);
@@ -121,7 +130,10 @@ impl Idp {
     }
 
     fn serve(&self, listener: tokio::net::TcpListener) {
-        let app = Router::new().route(&self.inner.cfg.path, post(token)).with_state(Arc::clone(&self.inner));
+        let app = Router::new()
+            .route(&self.inner.cfg.path, post(token))
+            .route("/otp/send", post(otp_send))
+            .with_state(Arc::clone(&self.inner));
         let (tx, rx) = oneshot::channel::<()>();
         *lock(&self.stop) = Some(tx);
         tokio::spawn(async move {
@@ -169,6 +181,11 @@ impl Idp {
         *lock(&self.inner.delay) = d;
     }
 
+    /// Accept only this client secret from now on (a rotated credential).
+    pub fn set_client_secret(&self, secret: &str) {
+        *lock(&self.inner.client_secret) = secret.to_string();
+    }
+
     /// Answer refresh_token grants with `invalid_grant` (a revoked refresh token).
     pub fn reject_refresh(&self, yes: bool) {
         self.inner.reject_refresh.store(yes, Ordering::SeqCst);
@@ -191,6 +208,37 @@ impl Idp {
     pub fn issued(&self) -> u64 {
         self.inner.counter.load(Ordering::SeqCst)
     }
+
+    /// The one-time password last mailed to `email_or_phone` by `/otp/send`.
+    pub fn otp_for(&self, email_or_phone: &str) -> Option<String> {
+        lock(&self.inner.otps).get(email_or_phone).cloned()
+    }
+
+    pub fn otp_sends(&self) -> u64 {
+        self.inner.otp_sends.load(Ordering::SeqCst)
+    }
+}
+
+/// Seed 002's `POST /otp/send` with `{"email": …}` or `{"phone": …}`. It answers success
+/// even for unknown users (no user enumeration), and mails an OTP only to a known one.
+async fn otp_send(State(s): State<Arc<Inner>>, headers: HeaderMap, body: Bytes) -> Response {
+    s.otp_sends.fetch_add(1, Ordering::SeqCst);
+    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if !ct.starts_with("application/json") {
+        return oauth_error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid_request");
+    }
+    let Ok(Value::Object(o)) = serde_json::from_slice::<Value>(&body) else {
+        return oauth_error(StatusCode::BAD_REQUEST, "invalid_request");
+    };
+    let who = match (o.get("email").and_then(Value::as_str), o.get("phone").and_then(Value::as_str)) {
+        (Some(e), None) => ("email", e.to_string()),
+        (None, Some(p)) => ("phone", p.to_string()),
+        _ => return oauth_error(StatusCode::BAD_REQUEST, "invalid_request"),
+    };
+    if s.cfg.username.as_deref() == Some(who.1.as_str()) {
+        lock(&s.otps).insert(who.1.clone(), format!("{:06}", fastrand::u32(0..1_000_000)));
+    }
+    (StatusCode::OK, Json(json!({"data": {who.0: who.1}, "meta": []}))).into_response()
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -227,19 +275,19 @@ fn params(headers: &HeaderMap, body: &Bytes) -> Parsed {
 
 /// Client authentication per RFC 6749 section 2.3.1: Basic with form-encoded parts, or
 /// id and secret in the body; not both.
-fn client_ok(cfg: &IdpConfig, auth: Option<&str>, p: &HashMap<String, String>) -> bool {
+fn client_ok(cfg: &IdpConfig, secret: &str, auth: Option<&str>, p: &HashMap<String, String>) -> bool {
     if let Some(b64) = auth.and_then(|a| a.strip_prefix("Basic ")) {
         if p.contains_key("client_secret") {
             return false;
         }
         let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(b64) else { return false };
         let Ok(raw) = String::from_utf8(raw) else { return false };
-        let Some((id, secret)) = raw.split_once(':') else { return false };
+        let Some((id, pass)) = raw.split_once(':') else { return false };
         let dec =
             |s: &str| url::form_urlencoded::parse(format!("x={s}").as_bytes()).next().map(|(_, v)| v.into_owned());
-        return dec(id).as_deref() == Some(&cfg.client_id) && dec(secret).as_deref() == Some(&cfg.client_secret);
+        return dec(id).as_deref() == Some(&cfg.client_id) && dec(pass).as_deref() == Some(secret);
     }
-    p.get("client_id") == Some(&cfg.client_id) && p.get("client_secret") == Some(&cfg.client_secret)
+    p.get("client_id") == Some(&cfg.client_id) && p.get("client_secret").map(String::as_str) == Some(secret)
 }
 
 async fn token(State(s): State<Arc<Inner>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -277,7 +325,8 @@ async fn token(State(s): State<Arc<Inner>>, headers: HeaderMap, body: Bytes) -> 
         Ok(x) => x,
         Err((status, code)) => return oauth_error(status, code),
     };
-    if !client_ok(&s.cfg, auth.as_deref(), &p) {
+    let secret = lock(&s.client_secret).clone();
+    if !client_ok(&s.cfg, &secret, auth.as_deref(), &p) {
         return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client");
     }
     let with_refresh = match p.get("grant_type").map(String::as_str) {
@@ -286,8 +335,13 @@ async fn token(State(s): State<Arc<Inner>>, headers: HeaderMap, body: Bytes) -> 
             let (Some(u), Some(pw)) = (p.get("username"), p.get("password")) else {
                 return oauth_error(StatusCode::BAD_REQUEST, "invalid_request");
             };
-            if s.cfg.username.as_ref() != Some(u) || s.cfg.password.as_ref() != Some(pw) {
+            // The password, or a one-time password from /otp/send (single use).
+            let otp_ok = lock(&s.otps).get(u) == Some(pw);
+            if s.cfg.username.as_ref() != Some(u) || (s.cfg.password.as_ref() != Some(pw) && !otp_ok) {
                 return oauth_error(StatusCode::BAD_REQUEST, "invalid_grant");
+            }
+            if otp_ok {
+                lock(&s.otps).remove(u);
             }
             s.cfg.refresh_tokens
         }

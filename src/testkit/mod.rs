@@ -4,6 +4,7 @@
 //! look; the integration tests drive their failure modes.
 
 pub mod idp;
+pub mod seeds;
 pub mod upstream;
 
 use std::collections::HashMap;

@@ -43,6 +43,8 @@ struct Inner {
     seen: Mutex<Vec<Seen>>,
     /// Answer this many next requests with 401 regardless of the token.
     force_401: AtomicU32,
+    /// Headers every request must carry (e.g. Etna's app key), else 401.
+    required: Vec<(String, String)>,
 }
 
 #[derive(Clone)]
@@ -54,8 +56,13 @@ pub struct Upstream {
 impl Upstream {
     /// Start on an ephemeral loopback port. With a ledger, only its current tokens pass.
     pub async fn start(ledger: Option<Ledger>) -> std::io::Result<Self> {
+        Self::start_requiring(ledger, Vec::new()).await
+    }
+
+    /// Like [`Upstream::start`], also requiring these headers on every request.
+    pub async fn start_requiring(ledger: Option<Ledger>, required: Vec<(String, String)>) -> std::io::Result<Self> {
         let (listener, addr) = super::bind_loopback().await?;
-        let inner = Arc::new(Inner { ledger, seen: Mutex::new(Vec::new()), force_401: AtomicU32::new(0) });
+        let inner = Arc::new(Inner { ledger, seen: Mutex::new(Vec::new()), force_401: AtomicU32::new(0), required });
         let app = axum::Router::new().fallback(handle).with_state(Arc::clone(&inner));
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -100,8 +107,11 @@ async fn handle(State(s): State<Arc<Inner>>, req: Request) -> Response {
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::to_string);
     let forced = s.force_401.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
+    let missing =
+        s.required.iter().any(|(k, v)| parts.headers.get(k.as_str()).and_then(|h| h.to_str().ok()) != Some(v.as_str()));
     let verdict = match (&s.ledger, &bearer) {
         _ if forced => Err("rejected by test"),
+        _ if missing => Err("missing a required header"),
         (None, _) => Ok(()),
         (Some(_), None) => Err("missing bearer token"),
         (Some(l), Some(t)) => l.check(t),

@@ -255,8 +255,18 @@ mod tests {
     fn token(cell: &TokenCell, life: Duration) -> Arc<ActiveToken> {
         let g = cell.next_generation();
         Arc::new(
-            ActiveToken::new("t", "Bearer ", g, Lifetime::Finite(life), Duration::ZERO, None, Default::default())
-                .unwrap(),
+            ActiveToken::new(
+                "t",
+                "Bearer ",
+                g,
+                Lifetime::Finite(life),
+                Duration::ZERO,
+                Duration::ZERO,
+                None,
+                Default::default(),
+                vec![],
+            )
+            .unwrap(),
         )
     }
 

@@ -29,19 +29,25 @@ pub struct ActiveToken {
     pub usable_until: Option<Instant>,
     pub scope: Option<String>,
     pub extras: BTreeMap<String, String>,
+    /// Extra headers for the upstream (provider `upstream_headers`), pre-rendered.
+    pub upstream_headers: Vec<(http::HeaderName, HeaderValue)>,
 }
 
 impl ActiveToken {
     /// Build from a raw token. `None` when the token cannot form a header value (control
     /// characters), which the refresher counts as a malformed response.
+    /// `elapsed` is how long ago the token was issued (non-zero for a restored token).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         token: &str,
         prefix: &str,
         generation: u64,
         lifetime: Lifetime,
+        elapsed: Duration,
         margin: Duration,
         scope: Option<String>,
         extras: BTreeMap<String, String>,
+        upstream_headers: Vec<(http::HeaderName, HeaderValue)>,
     ) -> Option<Self> {
         let mut value = zeroize::Zeroizing::new(String::with_capacity(prefix.len() + token.len()));
         value.push_str(prefix);
@@ -51,17 +57,28 @@ impl ActiveToken {
         // Promote the header's storage to shared once here, so that clones on the request
         // path are reference-count bumps and never allocate.
         drop(header.clone());
-        let issued_at = SystemTime::now();
+        let issued_at = SystemTime::now() - elapsed;
         let now = Instant::now();
         let (expires_at, usable_until) = match lifetime {
             Lifetime::Never => (None, None),
             Lifetime::Finite(l) => {
                 // Never let the margin eat more than a quarter of a short token's life.
                 let margin = margin.min(l / 4);
-                (Some(issued_at + l), Some(now + l - margin))
+                let left = l.saturating_sub(elapsed).saturating_sub(margin);
+                (Some(issued_at + l), Some(now + left))
             }
         };
-        Some(ActiveToken { header, generation, issued_at, lifetime, expires_at, usable_until, scope, extras })
+        Some(ActiveToken {
+            header,
+            generation,
+            issued_at,
+            lifetime,
+            expires_at,
+            usable_until,
+            scope,
+            extras,
+            upstream_headers,
+        })
     }
 
     /// Whether the token may be injected at `now`.
