@@ -123,7 +123,13 @@ fn build(
     let mut entries = Vec::new();
     for r in &settings.routes {
         let cell = r.provider.as_ref().and_then(|p| providers.get(p)).map(|h| Arc::clone(&h.cell));
-        entries.push(RouteEntry { peer: peer_for(r, &settings)?, spec: r.clone(), cell });
+        let reauth_min_interval = r
+            .provider
+            .as_ref()
+            .and_then(|p| settings.provider(p))
+            .map(|p| p.timing.reauth_min_interval)
+            .unwrap_or_default();
+        entries.push(RouteEntry { peer: peer_for(r, &settings)?, spec: r.clone(), cell, reauth_min_interval });
     }
     Ok(Active { router: Router::new(entries), providers, settings })
 }

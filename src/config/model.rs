@@ -208,6 +208,10 @@ pub struct ProviderConfig {
     pub backoff_min: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub backoff_max: Option<Duration>,
+    /// At most one invalidation (after an upstream 401) per this interval, so an upstream
+    /// that rejects every token cannot drive tollgate to hammer the IdP.
+    #[serde(default, with = "humantime_serde")]
+    pub reauth_min_interval: Option<Duration>,
     /// PEM file with extra CA certificates trusted for the token endpoint.
     pub ca_file: Option<PathBuf>,
 
@@ -294,6 +298,18 @@ pub struct RouteConfig {
     /// Turn off certificate verification (for test rigs only; logged loudly).
     #[serde(default = "yes")]
     pub tls_verify: bool,
+    /// Upstream statuses that mean "token rejected": the token is invalidated and the
+    /// request replayed once with a new one. Empty: never.
+    #[serde(default = "default_retry_on_status")]
+    pub retry_on_status: Vec<u16>,
+    /// Treat a GraphQL response whose `errors[].extensions.code` is `UNAUTHENTICATED` as
+    /// a token rejection (the token is invalidated; the response itself is passed on).
+    #[serde(default)]
+    pub graphql_unauthenticated: bool,
+}
+
+fn default_retry_on_status() -> Vec<u16> {
+    vec![401]
 }
 
 fn yes() -> bool {

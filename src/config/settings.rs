@@ -132,6 +132,7 @@ pub struct Timing {
     pub expiry_margin: Duration,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    pub reauth_min_interval: Duration,
 }
 
 impl Default for Timing {
@@ -143,6 +144,7 @@ impl Default for Timing {
             expiry_margin: Duration::from_secs(5),
             backoff_min: Duration::from_millis(500),
             backoff_max: Duration::from_secs(60),
+            reauth_min_interval: Duration::from_secs(5),
         }
     }
 }
@@ -167,6 +169,8 @@ pub struct RouteSpec {
     pub authorization: AuthorizationPolicy,
     pub preserve_host: bool,
     pub set_headers: Vec<(HeaderName, HeaderValue)>,
+    pub retry_on_status: Vec<u16>,
+    pub graphql_unauthenticated: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -36,6 +36,7 @@ const COMMON_KEYS: &[&str] = &[
     "encoding",
     "client_auth",
     "use_refresh_token",
+    "reauth_min_interval",
 ];
 
 /// Keys specific to each kind; anything else set on a provider is an error, so a key
@@ -254,6 +255,7 @@ impl Validator<'_> {
             expiry_margin: p.expiry_margin.unwrap_or(defaults.expiry_margin),
             backoff_min: p.backoff_min.unwrap_or(defaults.backoff_min),
             backoff_max: p.backoff_max.unwrap_or(defaults.backoff_max),
+            reauth_min_interval: p.reauth_min_interval.unwrap_or(defaults.reauth_min_interval),
         };
         if timing.backoff_min.is_zero() {
             return Err(self.err(key("backoff_min"), "must be greater than zero"));
@@ -677,6 +679,13 @@ impl Validator<'_> {
             authorization: r.authorization,
             preserve_host: r.preserve_host,
             set_headers,
+            retry_on_status: {
+                if let Some(bad) = r.retry_on_status.iter().find(|s| !(100..=599).contains(*s)) {
+                    return Err(self.err(key("retry_on_status"), format!("{bad} is not an HTTP status")));
+                }
+                r.retry_on_status.clone()
+            },
+            graphql_unauthenticated: r.graphql_unauthenticated,
         })
     }
 

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use http::header::{HOST, PROXY_AUTHORIZATION};
-use pingora::http::RequestHeader;
+use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType};
@@ -40,8 +40,17 @@ pub struct Ctx {
     started: Instant,
     token_wait: Duration,
     access_log: bool,
+    /// This request was already replayed once after a token rejection.
+    auth_retried: bool,
+    /// The error being handed to `error_while_proxy` is our token-rejection replay.
+    auth_retry_pending: bool,
+    /// Body of a GraphQL response being inspected for `UNAUTHENTICATED`.
+    graphql_body: Option<bytes::BytesMut>,
     _inflight: InflightGuard,
 }
+
+/// Limit on the GraphQL response body inspected for `UNAUTHENTICATED`.
+const GRAPHQL_INSPECT_LIMIT: usize = 256 * 1024;
 
 #[async_trait]
 impl ProxyHttp for TollgateProxy {
@@ -56,6 +65,9 @@ impl ProxyHttp for TollgateProxy {
             started: Instant::now(),
             token_wait: active.settings.proxy.token_wait,
             access_log: active.settings.proxy.access_log,
+            auth_retried: false,
+            auth_retry_pending: false,
+            graphql_body: None,
             _inflight: self.gateway.enter(),
         }
     }
@@ -96,6 +108,11 @@ impl ProxyHttp for TollgateProxy {
                 return Ok(false);
             }
             _ => {}
+        }
+        if !route.spec.retry_on_status.is_empty() {
+            // Keep the body (up to pingora's 64 KiB retry buffer) so that a request whose
+            // token the upstream rejects can be replayed with a new one.
+            session.enable_retry_buffering();
         }
         match cell.obtain(ctx.token_wait).await {
             Ok(token) => {
@@ -190,6 +207,100 @@ impl ProxyHttp for TollgateProxy {
         Ok(())
     }
 
+    /// An upstream rejection of the injected token: invalidate that token (by generation,
+    /// so concurrent rejections cause one refetch) and replay the request once with a
+    /// new one when its body is still held in the retry buffer. Otherwise, or when no new
+    /// token comes in time, the upstream's answer passes through untouched.
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let Some(route) = ctx.route.clone() else { return Ok(()) };
+        let (Some(cell), Some(token)) = (&route.cell, ctx.token.clone()) else { return Ok(()) };
+        let status = resp.status.as_u16();
+        if route.spec.graphql_unauthenticated && status == 200 && is_json(resp) {
+            ctx.graphql_body = Some(bytes::BytesMut::new());
+        }
+        if !route.spec.retry_on_status.contains(&status) {
+            return Ok(());
+        }
+        metrics::get().upstream_auth_rejected_total.with_label_values(&[&route.spec.name]).inc();
+        let invalidated = cell.invalidate(token.generation, route.reauth_min_interval);
+        warn!(route = %route.spec.name, provider = %cell.name(), status, generation = token.generation, invalidated, "upstream rejected the token");
+        if ctx.auth_retried || session.retry_buffer_truncated() {
+            return Ok(());
+        }
+        match cell.obtain(ctx.token_wait).await {
+            Ok(fresh) if fresh.generation > token.generation => {
+                ctx.auth_retried = true;
+                ctx.auth_retry_pending = true;
+                let mut e = Error::explain(
+                    ErrorType::HTTPStatus(status),
+                    "upstream rejected the token; replaying with a new one",
+                );
+                e.set_retry(true);
+                Err(e)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<bytes::Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<Duration>> {
+        if let (Some(buf), Some(chunk)) = (ctx.graphql_body.as_mut(), body.as_ref()) {
+            if buf.len() + chunk.len() > GRAPHQL_INSPECT_LIMIT {
+                ctx.graphql_body = None;
+            } else {
+                buf.extend_from_slice(chunk);
+            }
+        }
+        if end_of_stream {
+            if let Some(buf) = ctx.graphql_body.take() {
+                if graphql_unauthenticated(&buf) {
+                    if let (Some(route), Some(token)) = (&ctx.route, &ctx.token) {
+                        if let Some(cell) = &route.cell {
+                            metrics::get().upstream_auth_rejected_total.with_label_values(&[&route.spec.name]).inc();
+                            let invalidated = cell.invalidate(token.generation, route.reauth_min_interval);
+                            warn!(route = %route.spec.name, provider = %cell.name(), invalidated, "GraphQL UNAUTHENTICATED: token invalidated");
+                        }
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// pingora's default refuses to replay non-idempotent requests. A token rejection is
+    /// different: the upstream did not act on the request, so any request whose body is
+    /// still complete in the retry buffer may be replayed, once.
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Ctx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        if std::mem::take(&mut ctx.auth_retry_pending) {
+            e.set_retry(!session.as_ref().retry_buffer_truncated());
+            return e;
+        }
+        if !session.req_header().method.is_idempotent() || session.as_ref().retry_buffer_truncated() {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        e
+    }
+
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
         let code = match e.etype() {
             ErrorType::HTTPStatus(code) => *code,
@@ -252,6 +363,20 @@ impl ProxyHttp for TollgateProxy {
             println!("{line}");
         }
     }
+}
+
+fn is_json(resp: &ResponseHeader) -> bool {
+    resp.headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().windows(4).any(|w| w.eq_ignore_ascii_case(b"json")))
+}
+
+/// Whether a GraphQL response reports `errors[].extensions.code == "UNAUTHENTICATED"`.
+fn graphql_unauthenticated(body: &[u8]) -> bool {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else { return false };
+    v.get("errors").and_then(|e| e.as_array()).is_some_and(|errs| {
+        errs.iter().any(|e| e.pointer("/extensions/code").and_then(|c| c.as_str()) == Some("UNAUTHENTICATED"))
+    })
 }
 
 /// Remove the route prefix (if asked) and prepend the upstream's base path.

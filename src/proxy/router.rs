@@ -13,6 +13,8 @@ pub struct RouteEntry {
     pub cell: Option<Arc<TokenCell>>,
     /// A template peer; cloned per request because pingora takes ownership of a boxed one.
     pub peer: HttpPeer,
+    /// The provider's bound on invalidations after upstream rejections.
+    pub reauth_min_interval: std::time::Duration,
 }
 
 pub struct Router {

@@ -131,6 +131,13 @@ async fn handle(State(s): State<Arc<Inner>>, req: Request) -> Response {
             .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer error=\"invalid_token\""));
         return r;
     }
+    if path.starts_with("/graphql-unauthenticated") {
+        // What a GraphQL server answers to an unauthenticated query: 200 with an error.
+        return Json(
+            json!({"data": null, "errors": [{"message": "not signed in", "extensions": {"code": "UNAUTHENTICATED"}}]}),
+        )
+        .into_response();
+    }
     if let Some(n) = path.strip_prefix("/stream/").and_then(|n| n.parse::<usize>().ok()) {
         // A slow chunked response, to show the proxy streams rather than buffers.
         let stream = futures::stream::unfold(0usize, move |i| async move {

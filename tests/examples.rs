@@ -1,0 +1,176 @@
+//! Every shipped example in `config/` is a valid config: `tollgate check` (the real
+//! binary) accepts it, prints no secret, and names each provider's kind. The directory
+//! is globbed at test time, so a new example is covered without touching this file.
+//!
+//! Secrets the examples reference are supplied with dummy values: `{ env = "VAR" }` by
+//! setting `VAR`, `{ file = "/run/secrets/…" }` (and any `ca_file`) by rewriting the path
+//! in a temporary copy to a file the test creates.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+
+fn examples() -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("toml"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no config/*.toml examples found");
+    files
+}
+
+/// The quoted strings that follow `<key> = ` anywhere in `text`, e.g. every VAR in
+/// `{ env = "VAR" }`. `key` must start a word (`file` does not match `ca_file`).
+fn quoted_after(text: &str, key: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(i) = rest.find(key) {
+        let before = rest[..i].chars().last();
+        let after = &rest[i + key.len()..];
+        rest = after;
+        if before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+            continue;
+        }
+        let Some(after) = after.trim_start().strip_prefix('=') else { continue };
+        let Some(after) = after.trim_start().strip_prefix('"') else { continue };
+        if let Some(end) = after.find('"') {
+            out.push(after[..end].to_string());
+        }
+    }
+    out
+}
+
+struct Prepared {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    env: Vec<(String, String)>,
+    /// Every dummy secret value handed to tollgate; none may appear in its output.
+    dummies: Vec<String>,
+}
+
+/// A temporary copy of `example` whose secret files exist, plus the env it needs.
+fn prepare(example: &Path) -> Prepared {
+    let mut text = std::fs::read_to_string(example).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = Vec::new();
+    let mut dummies = Vec::new();
+    let stem = example.file_stem().unwrap().to_string_lossy().to_string();
+
+    for (n, var) in quoted_after(&text, "env").into_iter().enumerate() {
+        if env.iter().any(|(k, _)| *k == var) {
+            continue;
+        }
+        let value = format!("dummy-env-secret-{stem}-{n}-Zq7xW");
+        dummies.push(value.clone());
+        env.push((var, value));
+    }
+    // `{ file = … }` secrets and CA files: rewritten to files in the temp dir.
+    let mut files = quoted_after(&text, "file");
+    files.extend(quoted_after(&text, "ca_file"));
+    for (n, original) in files.into_iter().enumerate() {
+        let copy = dir.path().join(format!("file-{n}"));
+        let value = format!("dummy-file-secret-{stem}-{n}-Kp3vR");
+        std::fs::write(&copy, format!("{value}\n")).unwrap();
+        dummies.push(value);
+        text = text.replace(&format!("\"{original}\""), &format!("\"{}\"", copy.display()));
+    }
+    let path = dir.path().join(example.file_name().unwrap());
+    std::fs::write(&path, text).unwrap();
+    Prepared { _dir: dir, path, env, dummies }
+}
+
+struct Checked {
+    code: i32,
+    stdout: String,
+    stderr: String,
+    dummies: Vec<String>,
+}
+
+fn check(example: &Path) -> Checked {
+    let p = prepare(example);
+    let mut cmd = Command::new(BIN);
+    cmd.args(["check", "--config"]).arg(&p.path).env("NO_COLOR", "1");
+    // The caller's own TOLLGATE_* overrides must not change what is being checked.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("TOLLGATE_") {
+            cmd.env_remove(k);
+        }
+    }
+    for (k, v) in &p.env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    Checked {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into(),
+        stderr: String::from_utf8_lossy(&out.stderr).into(),
+        dummies: p.dummies,
+    }
+}
+
+/// (provider name, kind) for every `[providers.*]` table, read as tollgate reads the file.
+fn provider_kinds(example: &Path) -> Vec<(String, String)> {
+    use figment::providers::{Format, Toml};
+    let v: serde_json::Value = figment::Figment::from(Toml::file_exact(example))
+        .extract()
+        .unwrap_or_else(|e| panic!("{}: {e}", example.display()));
+    v.get("providers")
+        .and_then(|p| p.as_object())
+        .map(|m| m.iter().map(|(name, p)| (name.clone(), p["kind"].as_str().unwrap_or_default().to_string())).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn every_example_passes_check_without_printing_a_secret() {
+    let mut failures = Vec::new();
+    for example in examples() {
+        let c = check(&example);
+        let name = example.display();
+        if c.code != 0 {
+            failures.push(format!("{name}: exit {}\nstdout:\n{}\nstderr:\n{}", c.code, c.stdout, c.stderr));
+            continue;
+        }
+        if !c.stdout.contains("config OK") {
+            failures.push(format!("{name}: no `config OK` line:\n{}", c.stdout));
+        }
+        for d in &c.dummies {
+            if c.stdout.contains(d.as_str()) || c.stderr.contains(d.as_str()) {
+                failures.push(format!("{name}: a secret value was printed:\n{}{}", c.stdout, c.stderr));
+            }
+        }
+        if provider_kinds(&example).is_empty() {
+            failures.push(format!("{name}: defines no provider"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[test]
+fn check_output_names_each_providers_kind() {
+    let mut failures = Vec::new();
+    for example in examples() {
+        let c = check(&example);
+        for (provider, kind) in provider_kinds(&example) {
+            // The provider's line must carry the kind as a word of its own (so `http`
+            // is not found inside a `https://` URL).
+            let prefix = format!("provider {provider}:");
+            let named = c.stdout.lines().filter(|l| l.starts_with(&prefix)).any(|l| {
+                l.split_whitespace()
+                    .map(|w| w.trim_matches(|ch: char| matches!(ch, '"' | ',' | '(' | ')' | ':' | '=')))
+                    .any(|w| w == kind)
+            });
+            if !named {
+                failures.push(format!(
+                    "{}: `tollgate check` does not name kind `{kind}` for provider `{provider}`:\n{}",
+                    example.display(),
+                    c.stdout
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
