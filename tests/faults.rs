@@ -203,3 +203,78 @@ async fn wrong_client_secret_is_classified_and_answered_503() {
     assert!(tg.metric("tollgate_token_fetch_total{outcome=\"invalid_client\",provider=\"backend\"}").await >= 1.0);
     assert!(tg.logs().contains("invalid_client"));
 }
+
+/// The rest of the fault matrix, with traffic running throughout: every fault is a
+/// classified, counted failure; no client request fails while the token is valid; a
+/// 429's Retry-After is honoured; secrets and tokens stay out of the logs.
+#[tokio::test(flavor = "multi_thread")]
+async fn fault_matrix_rate_limit_redirect_oversize_and_bad_expiry() {
+    let ledger = Ledger::default();
+    let cfg =
+        IdpConfig { lifetime: Duration::from_secs(30), client_secret: "cs-MATRIX-77".into(), ..IdpConfig::default() };
+    let idp = Idp::start(cfg, ledger.clone()).await.unwrap();
+    let upstream = Upstream::start(Some(ledger.clone())).await.unwrap();
+    let text = oauth2_config(&idp, &upstream, "", "")
+        .replace("client_secret = \"456789\"", "client_secret = \"cs-MATRIX-77\"");
+    let tg = Tollgate::start(&text);
+    tg.wait_ready().await;
+    let (stop, ok, bad, h) = traffic(&tg);
+
+    let faults: Vec<(Mode, &str)> = vec![
+        (Mode::Redirect, "rejected"),
+        (Mode::Huge, "malformed"),
+        (Mode::ExpiresIn(serde_json::json!(0)), "malformed"),
+        (Mode::ExpiresIn(serde_json::json!(-5)), "malformed"),
+        (Mode::ExpiresIn(serde_json::json!("soon")), "malformed"),
+        (Mode::Status(400, "invalid_grant"), "invalid_grant"),
+        (Mode::Status(401, "invalid_client"), "invalid_client"),
+        (Mode::Status(403, "unauthorized_client"), "rejected"),
+        (Mode::Status(502, "bad_gateway"), "server_error"),
+    ];
+    for (mode, class) in faults {
+        let series = format!("tollgate_token_fetch_total{{outcome=\"{class}\",provider=\"backend\"}}");
+        let before = tg.metric(&series).await;
+        idp.set_mode(mode.clone());
+        assert_eq!(force_refresh(&tg).await, 502, "{mode:?} must fail the refresh");
+        assert!(tg.metric(&series).await > before, "{mode:?} must be counted as {class}");
+    }
+
+    // 429 with Retry-After: 2 — the next attempt waits at least that long.
+    idp.set_mode(Mode::RateLimited(2));
+    assert_eq!(force_refresh(&tg).await, 502);
+    let limited_at = Instant::now();
+    let n = idp.count();
+    idp.set_mode(Mode::Normal);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while idp.count() == n {
+        assert!(Instant::now() < deadline, "never retried after the 429");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        limited_at.elapsed() >= Duration::from_millis(1900),
+        "Retry-After ignored: retried after {:?}",
+        limited_at.elapsed()
+    );
+    assert!(tg.metric("tollgate_token_fetch_total{outcome=\"rate_limited\",provider=\"backend\"}").await >= 1.0);
+
+    // An absurd expires_in is capped, not trusted and not an error.
+    idp.set_mode(Mode::ExpiresIn(serde_json::json!(1e12)));
+    assert_eq!(force_refresh(&tg).await, 200);
+    let p: serde_json::Value =
+        client().get(tg.admin_url("/admin/providers/backend")).send().await.unwrap().json().await.unwrap();
+    assert!(p["token"]["expires_in_s"].as_u64().unwrap() <= 24 * 3600, "capped at max_lifetime: {p}");
+    idp.set_mode(Mode::Normal);
+
+    stop.store(true, Ordering::SeqCst);
+    let firsts = h.await.unwrap();
+    assert_eq!(bad.load(Ordering::SeqCst), 0, "no client request may fail while a valid token exists: {firsts:?}");
+    assert!(ok.load(Ordering::SeqCst) > 50);
+    assert!(upstream.seen().iter().all(|s| s.accepted));
+    let logs = tg.logs();
+    for secret in ledger.all().iter().map(String::as_str).chain(["cs-MATRIX-77"]) {
+        assert!(!logs.contains(secret), "logs leak {secret}");
+    }
+    for line in logs.lines().filter(|l| l.contains("token request failed")) {
+        assert!(line.contains("class="), "failure lines carry the class: {line}");
+    }
+}

@@ -32,6 +32,12 @@ pub enum Mode {
     Garbage,
     /// 429 with `Retry-After`.
     RateLimited(u64),
+    /// 302 to another address.
+    Redirect,
+    /// 200 with a body larger than any token response should be.
+    Huge,
+    /// A normal token, but with this `expires_in` value.
+    ExpiresIn(Value),
 }
 
 #[derive(Debug, Clone)]
@@ -320,6 +326,14 @@ async fn token(State(s): State<Arc<Inner>>, headers: HeaderMap, body: Bytes) -> 
             r.headers_mut().insert(header::RETRY_AFTER, secs.into());
             return r;
         }
+        Mode::Redirect => {
+            return (StatusCode::FOUND, [(header::LOCATION, "http://127.0.0.1:1/elsewhere")]).into_response();
+        }
+        Mode::Huge => {
+            let padding = "x".repeat(300 * 1024);
+            return Json(json!({"access_token": "huge", "expires_in": 3600, "padding": padding})).into_response();
+        }
+        Mode::ExpiresIn(_) => {}
     }
     let (_, p) = match parsed {
         Ok(x) => x,
@@ -361,7 +375,9 @@ async fn token(State(s): State<Arc<Inner>>, headers: HeaderMap, body: Bytes) -> 
     let access = format!("{}-{n}-{:016x}", s.cfg.token_prefix, fastrand::u64(..));
     s.ledger.issue(&access, Some(Instant::now() + s.cfg.lifetime));
     let mut body = json!({"access_token": access, "token_type": "bearer", "scope": null});
-    if s.cfg.send_expires_in {
+    if let Mode::ExpiresIn(v) = mode {
+        body["expires_in"] = v;
+    } else if s.cfg.send_expires_in {
         body["expires_in"] = json!(s.cfg.lifetime.as_secs());
     }
     if with_refresh {
