@@ -166,11 +166,19 @@ async fn tnid_otp_login_through_admin_api_wrong_then_right_code_and_survives_kil
     assert_eq!(tnid.calls("/auth/token") + tnid.calls("/auth/create_user_otp"), calls_before);
     assert_eq!(upstream.seen().last().unwrap().bearer(), Some(token.as_str()));
 
-    // The upstream rejects the token: a re-login is needed, and the 401 reaches nobody
-    // as a stale success.
+    // The upstream rejects the token and only a human can renew it: the 401 passes
+    // through, and the provider asks for a login again.
     ledger.revoke(&token);
     let r = client().get(tg.url("/user")).send().await.unwrap();
     assert_eq!(r.status(), 401);
+    let r = client().get(tg.url("/user")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(get_json(tg.admin_url("/admin/providers/p")).await["state"], "awaiting_code");
+    let logs = tg.logs();
+    for secret in [token.as_str(), otp.as_str()] {
+        assert!(!logs.contains(secret), "logs leak {secret}");
+    }
+    assert!(!std::fs::read_to_string(&store).unwrap().contains(&otp), "the OTP is not stored");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -238,6 +246,12 @@ upstream_headers = {{ "Et-App-Key" = "{{app_key}}" }}
     assert_eq!(r.status(), 200);
     let seen = &upstream.seen()[0];
     assert!(seen.accepted && seen.bearer().unwrap().starts_with("etna-final-"));
+    let logs = tg.logs();
+    let providers = client().get(tg.admin_url("/admin/providers")).send().await.unwrap().text().await.unwrap();
+    for secret in ["etna-pass", "etna-app-key", code.as_str(), seen.bearer().unwrap()] {
+        assert!(!logs.contains(secret) && !providers.contains(secret), "logs or admin leak {secret}");
+    }
+    assert!(!logs.contains("etna-interim-"), "the interim token is not logged");
 }
 
 #[tokio::test(flavor = "multi_thread")]
