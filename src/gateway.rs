@@ -129,7 +129,13 @@ fn build(
             .and_then(|p| settings.provider(p))
             .map(|p| p.timing.reauth_min_interval)
             .unwrap_or_default();
-        entries.push(RouteEntry { peer: peer_for(r, &settings)?, spec: r.clone(), cell, reauth_min_interval });
+        entries.push(RouteEntry {
+            peer: peer_for(r, &settings)?,
+            metrics: crate::metrics::RouteMetrics::new(&r.name),
+            spec: r.clone(),
+            cell,
+            reauth_min_interval,
+        });
     }
     Ok(Active { router: Router::new(entries), providers, settings })
 }

@@ -148,3 +148,33 @@ impl Metrics {
 
 /// The exposition's content type.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// A route's request metrics, resolved once per config so the request path skips the
+/// label hashing and read lock of `with_label_values`: one lock-free `OnceLock` read per
+/// status code after its first use.
+pub struct RouteMetrics {
+    route: String,
+    pub duration: prometheus::Histogram,
+    by_status: Box<[std::sync::OnceLock<prometheus::IntCounter>]>,
+}
+
+impl RouteMetrics {
+    pub fn new(route: &str) -> Self {
+        RouteMetrics {
+            route: route.to_string(),
+            duration: get().upstream_duration.with_label_values(&[route]),
+            by_status: (0..600).map(|_| std::sync::OnceLock::new()).collect(),
+        }
+    }
+
+    /// Count one response with `status` (0: none was sent).
+    #[inline]
+    pub fn count(&self, status: u16) {
+        match self.by_status.get(status as usize) {
+            Some(cell) => {
+                cell.get_or_init(|| get().requests_total.with_label_values(&[&self.route, &status.to_string()])).inc()
+            }
+            None => get().requests_total.with_label_values(&[&self.route, "other"]).inc(),
+        }
+    }
+}

@@ -340,11 +340,13 @@ impl ProxyHttp for TollgateProxy {
             },
         };
         let route = ctx.route.as_ref().map(|r| r.spec.name.as_str()).unwrap_or("");
-        let m = metrics::get();
-        m.requests_total.with_label_values(&[route, status_label(status)]).inc();
         let elapsed = ctx.started.elapsed();
-        if ctx.route.is_some() {
-            m.upstream_duration.with_label_values(&[route]).observe(elapsed.as_secs_f64());
+        match &ctx.route {
+            Some(r) => {
+                r.metrics.count(status);
+                r.metrics.duration.observe(elapsed.as_secs_f64());
+            }
+            None => metrics::get().requests_total.with_label_values(&["", &status.to_string()]).inc(),
         }
         if ctx.access_log {
             let req = session.req_header();
@@ -400,11 +402,4 @@ fn rewrite_path(req: &mut RequestHeader, spec: &crate::config::RouteSpec) -> Res
     let uri = new.parse::<http::Uri>().or_err(ErrorType::InternalError, "rewritten path is not a valid URI")?;
     req.set_uri(uri);
     Ok(())
-}
-
-/// Status codes as label strings without formatting on the request path.
-fn status_label(status: u16) -> &'static str {
-    static LABELS: std::sync::LazyLock<Vec<String>> =
-        std::sync::LazyLock::new(|| (0..600).map(|s| s.to_string()).collect());
-    LABELS.get(status as usize).map(String::as_str).unwrap_or("other")
 }

@@ -15,6 +15,7 @@ pub struct RouteEntry {
     pub peer: HttpPeer,
     /// The provider's bound on invalidations after upstream rejections.
     pub reauth_min_interval: std::time::Duration,
+    pub metrics: crate::metrics::RouteMetrics,
 }
 
 pub struct Router {
