@@ -147,7 +147,7 @@ pub fn describe(s: &Settings) -> String {
             SourceSpec::OAuth2(o) => {
                 let _ = writeln!(
                     out,
-                    "provider {}: oauth2 {:?} grant {:?} client_id {} client_secret {} client_auth {:?} encoding {:?} username {} password {}",
+                    "provider {}: oauth2 {:?} grant {:?} client_id {} client_secret {} client_auth {:?} encoding {:?} username {} password {}{}",
                     p.name,
                     o.token_url.as_str(),
                     o.grant,
@@ -157,13 +157,18 @@ pub fn describe(s: &Settings) -> String {
                     o.encoding,
                     o.username.as_deref().unwrap_or("(none)"),
                     if o.password.is_some() { config::REDACTED } else { "(none)" },
+                    match &o.otp {
+                        Some(otp) => format!(" one-time password from {:?} ({} {})", otp.url.as_str(), otp.field, otp.value),
+                        None => String::new(),
+                    },
                 );
             }
             SourceSpec::Http(h) => {
                 let _ = writeln!(
                     out,
-                    "provider {}: step flow at {:?}, values {} (all redacted)",
+                    "provider {}: {} steps at {:?}, values {} (all redacted)",
                     p.name,
+                    p.kind.as_str(),
                     h.base_url.as_str(),
                     h.vars.keys().cloned().collect::<Vec<_>>().join(", ")
                 );
@@ -171,7 +176,7 @@ pub fn describe(s: &Settings) -> String {
                     for st in steps.iter() {
                         let _ = writeln!(
                             out,
-                            "  {flow} step {}: {} {:?} encoding {:?} headers [{}] fields [{}] extract [{}]{}",
+                            "  {flow} step {}: {} {} encoding {:?} headers [{}] fields [{}] extract [{}]{}",
                             st.name,
                             st.method,
                             st.path,
@@ -185,6 +190,10 @@ pub fn describe(s: &Settings) -> String {
                 }
             }
         }
+    }
+    for p in s.providers.iter().filter(|p| !p.upstream_headers.is_empty()) {
+        let hs: Vec<String> = p.upstream_headers.iter().map(|(k, t)| format!("{k}: {t}")).collect();
+        let _ = writeln!(out, "provider {}: upstream headers [{}]", p.name, hs.join(", "));
     }
     let _ = match &s.store {
         config::StoreSettings::Memory => writeln!(out, "store: memory"),

@@ -40,7 +40,7 @@ pub(crate) fn describe(h: &ProviderHandle) -> Value {
     });
     json!({
         "name": h.spec.name,
-        "kind": h.spec.source.kind(),
+        "kind": h.spec.kind.as_str(),
         "state": h.cell.state().as_str(),
         "token": token,
         "last_success": ts(st.last_success),

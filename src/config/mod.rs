@@ -55,7 +55,7 @@ fn env_provider() -> Env {
     Env::prefixed(ENV_PREFIX)
         .filter(|k| {
             let k = k.as_str();
-            ["proxy__", "admin__", "providers__"]
+            ["proxy__", "admin__", "providers__", "store__"]
                 .iter()
                 .any(|s| k.len() > s.len() && k[..s.len()].eq_ignore_ascii_case(s))
         })

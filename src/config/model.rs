@@ -106,6 +106,18 @@ pub enum ProviderKind {
     ThrillId,
 }
 
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Oauth2 => "oauth2",
+            ProviderKind::Http => "http",
+            ProviderKind::Tnid => "tnid",
+            ProviderKind::Etna => "etna",
+            ProviderKind::ThrillId => "thrill_id",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StepEncodingConfig {
@@ -173,19 +185,18 @@ pub struct ProviderConfig {
     pub client_secret: Option<SecretSource>,
     pub username: Option<String>,
     pub password: Option<SecretSource>,
-    #[serde(default)]
-    pub encoding: Encoding,
-    #[serde(default)]
-    pub client_auth: ClientAuth,
+    /// Default `form`.
+    pub encoding: Option<Encoding>,
+    /// Default `client_secret_post`.
+    pub client_auth: Option<ClientAuth>,
     pub scope: Option<String>,
     pub audience: Option<String>,
     #[serde(default)]
     pub extra_params: BTreeMap<String, String>,
     #[serde(default)]
     pub extra_headers: BTreeMap<String, String>,
-    /// Use the refresh_token grant when the IdP issued a refresh token.
-    #[serde(default = "yes")]
-    pub use_refresh_token: bool,
+    /// Use the refresh_token grant when the IdP issued a refresh token (default true).
+    pub use_refresh_token: Option<bool>,
 
     /// Refresh at the latest this long before expiry (the schedule also refreshes at
     /// 80 % of the lifetime, whichever comes first).

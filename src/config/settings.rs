@@ -56,6 +56,8 @@ pub struct AdminSettings {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProviderSpec {
     pub name: String,
+    /// What the config said (`oauth2`, `tnid`, …), for `check` and the admin API.
+    pub kind: super::model::ProviderKind,
     pub source: SourceSpec,
     pub timing: Timing,
     pub http: HttpClientSpec,
@@ -82,17 +84,8 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
 #[derive(Debug, Clone, PartialEq)]
 pub enum SourceSpec {
     OAuth2(OAuth2Spec),
-    /// The step engine; `kind` is what the config said (`http` or a preset).
+    /// The step engine (`kind = "http"` and the presets).
     Http(HttpFlowSpec),
-}
-
-impl SourceSpec {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            SourceSpec::OAuth2(_) => "oauth2",
-            SourceSpec::Http(_) => "http",
-        }
-    }
 }
 
 /// Seed 002's one-time password sender.

@@ -33,9 +33,6 @@ const COMMON_KEYS: &[&str] = &[
     "backoff_max",
     "ca_file",
     "upstream_headers",
-    "encoding",
-    "client_auth",
-    "use_refresh_token",
     "reauth_min_interval",
 ];
 
@@ -44,6 +41,9 @@ const COMMON_KEYS: &[&str] = &[
 fn kind_keys(kind: ProviderKind) -> &'static [&'static str] {
     match kind {
         ProviderKind::Oauth2 => &[
+            "encoding",
+            "client_auth",
+            "use_refresh_token",
             "token_url",
             "grant",
             "client_id",
@@ -250,7 +250,8 @@ impl Validator<'_> {
         let defaults = Timing::default();
         let timing = Timing {
             refresh_before: p.refresh_before.unwrap_or(defaults.refresh_before),
-            default_lifetime: p.lifetime,
+            // Thrill-ID documents 1800 s; used only if a token ever lacks a JWT `exp`.
+            default_lifetime: p.lifetime.or((p.kind == ProviderKind::ThrillId).then_some(Duration::from_secs(1800))),
             max_lifetime: p.max_lifetime.unwrap_or(defaults.max_lifetime),
             expiry_margin: p.expiry_margin.unwrap_or(defaults.expiry_margin),
             backoff_min: p.backoff_min.unwrap_or(defaults.backoff_min),
@@ -303,7 +304,7 @@ impl Validator<'_> {
                 (SourceSpec::Http(h), fp)
             }
         };
-        let mut upstream_headers = Vec::new();
+        let mut upstream_headers: Vec<(HeaderName, Template)> = Vec::new();
         for (k, v) in &p.upstream_headers {
             let hk = key(&format!("upstream_headers.{k}"));
             let n = HeaderName::from_bytes(k.as_bytes())
@@ -311,14 +312,49 @@ impl Validator<'_> {
             let t = Template::parse(v).map_err(|e| self.err(&hk, e.to_string()))?;
             upstream_headers.push((n, t));
         }
+        // Etna's API wants the app key on every request (seed 001); send it unless the
+        // user configured the header themselves.
+        if p.kind == ProviderKind::Etna && !upstream_headers.iter().any(|(n, _)| n.as_str() == "et-app-key") {
+            if let Ok(t) = Template::parse("{app_key}") {
+                upstream_headers.push((HeaderName::from_static("et-app-key"), t));
+            }
+        }
+        self.check_upstream_header_vars(name, &source, &upstream_headers)?;
         Ok(ProviderSpec {
             name: name.to_string(),
+            kind: p.kind,
             source,
             timing,
             http,
             upstream_headers,
             fingerprint: format!("{:016x}", fnv1a(fingerprint.as_bytes())),
         })
+    }
+
+    /// `upstream_headers` may use `{token}`, `{refresh_token}`, the provider's config
+    /// values and whatever its steps extract; a typo fails here, not at every refresh.
+    fn check_upstream_header_vars(
+        &self,
+        name: &str,
+        source: &SourceSpec,
+        headers: &[(HeaderName, Template)],
+    ) -> Result<(), ConfigError> {
+        let mut known: Vec<&str> = vec!["token", "refresh_token"];
+        if let SourceSpec::Http(h) = source {
+            known.extend(h.vars.keys().map(String::as_str));
+            for st in h.acquire.iter().chain(&h.refresh).chain(&h.login) {
+                known.extend(st.extract.iter().map(|(k, _)| k.as_str()));
+            }
+        }
+        for (hn, t) in headers {
+            if let Some(v) = t.vars().find(|v| !known.contains(v)) {
+                return Err(self.err(
+                    format!("providers.{name}.upstream_headers.{hn}"),
+                    format!("`{{{v}}}` is not available here (known: {})", known.join(", ")),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn check_keys(&self, name: &str, p: &ProviderConfig) -> Result<(), ConfigError> {
@@ -582,7 +618,8 @@ impl Validator<'_> {
                 }
             }
         }
-        match p.client_auth {
+        let client_auth = p.client_auth.unwrap_or_default();
+        match client_auth {
             ClientAuth::ClientSecretBasic | ClientAuth::ClientSecretPost => {
                 if p.client_id.is_some() && client_secret.is_none() {
                     return Err(self
@@ -606,13 +643,13 @@ impl Validator<'_> {
             client_secret,
             username: p.username.clone(),
             password,
-            encoding: p.encoding,
-            client_auth: p.client_auth,
+            encoding: p.encoding.unwrap_or_default(),
+            client_auth,
             scope: p.scope.clone(),
             audience: p.audience.clone(),
             extra_params: p.extra_params.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             extra_headers,
-            use_refresh_token: p.use_refresh_token,
+            use_refresh_token: p.use_refresh_token.unwrap_or(true),
             otp,
         })
     }

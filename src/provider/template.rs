@@ -31,6 +31,19 @@ pub enum TemplateError {
     Missing(String),
 }
 
+/// The template as written (placeholders, never values).
+impl std::fmt::Display for Template {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for p in &self.0 {
+            match p {
+                Part::Lit(s) => f.write_str(&s.replace('{', "{{").replace('}', "}}"))?,
+                Part::Var(v) => write!(f, "{{{v}}}")?,
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Template {
     /// Parse `text`; `{{` and `}}` stand for literal braces.
     pub fn parse(text: &str) -> Result<Self, TemplateError> {

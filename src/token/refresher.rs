@@ -135,6 +135,8 @@ impl Refresher {
             Err(e) if !self.source.can_acquire() && e.class.is_credential() && self.cell.usable().is_none() => {
                 self.failed(mem, &e);
                 mem.previous = None;
+                // A dead token must not come back from the store after a restart.
+                let _ = self.store.remove(self.cell.name());
                 self.await_code("the IdP rejected the refresh and only a human login can renew the token");
                 Instant::now() + FAR
             }
