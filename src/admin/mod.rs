@@ -50,8 +50,14 @@ async fn require_token(State(gw): State<Arc<Gateway>>, req: Request, next: Next)
     }
     let active = gw.active();
     if let Some(expected) = &active.settings.admin.token {
-        let presented =
-            req.headers().get(header::AUTHORIZATION).and_then(|v| v.as_bytes().strip_prefix(b"Bearer ")).unwrap_or(b"");
+        let presented = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(|v| v.as_bytes())
+            // The scheme name is case-insensitive (RFC 9110 section 11.1).
+            .filter(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer "))
+            .map(|v| &v[7..])
+            .unwrap_or(b"");
         let ok: bool = presented.ct_eq(expected.expose().as_bytes()).into();
         if !ok {
             let mut r = error(

@@ -3,8 +3,10 @@
 //! `request_filter` picks the route and makes sure a token is available (waiting on the
 //! provider's single flight if needed); `upstream_request_filter`, which pingora runs on
 //! every attempt, inserts the provider's *current* header, so a retry carries the newest
-//! token.
+//! token. Before either, `hygiene::check` refuses requests whose framing a front proxy
+//! could read differently (see that module for what pingora already refuses itself).
 
+pub mod hygiene;
 pub mod respond;
 pub mod router;
 
@@ -73,6 +75,10 @@ impl ProxyHttp for TollgateProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        if let Err(r) = hygiene::check(session) {
+            respond::json(session, r.status, &json!({"error": r.error, "message": r.message}), None).await?;
+            return Ok(true);
+        }
         let route = {
             let active = self.gateway.active();
             let req = session.req_header();
@@ -322,7 +328,15 @@ impl ProxyHttp for TollgateProxy {
                 400 => "bad_request",
                 _ => "proxy_error",
             };
-            let body = json!({"error": error, "route": route, "message": e.etype().as_str()});
+            let provider = ctx.route.as_ref().and_then(|r| r.spec.provider.as_deref());
+            let body = match code {
+                // The token expired between the checks of one request: same shape as the
+                // other token 503s, so clients need one parser.
+                503 => {
+                    json!({"error": error, "route": route, "provider": provider, "reason": "expired", "message": "the token expired before the request could be sent"})
+                }
+                _ => json!({"error": error, "route": route, "message": e.etype().as_str()}),
+            };
             if let Err(err) = respond::json(session, code, &body, (code == 503).then_some(1)).await {
                 warn!(error = %err, "could not send error response");
             }
