@@ -3,47 +3,9 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use support::*;
-
-/// Sends requests until stopped; counts non-200 answers and keeps the first few.
-fn traffic(tg: &Tollgate) -> (Arc<AtomicBool>, Arc<AtomicU32>, Arc<AtomicU32>, tokio::task::JoinHandle<Vec<String>>) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let ok = Arc::new(AtomicU32::new(0));
-    let bad = Arc::new(AtomicU32::new(0));
-    let (s, o, b) = (stop.clone(), ok.clone(), bad.clone());
-    let url = tg.url("/load");
-    let h = tokio::spawn(async move {
-        let c = client();
-        let mut firsts = Vec::new();
-        let started = Instant::now();
-        while !s.load(Ordering::SeqCst) && started.elapsed() < Duration::from_secs(60) {
-            match c.get(&url).send().await {
-                Ok(r) if r.status() == 200 => {
-                    o.fetch_add(1, Ordering::SeqCst);
-                }
-                Ok(r) => {
-                    b.fetch_add(1, Ordering::SeqCst);
-                    if firsts.len() < 3 {
-                        firsts.push(format!("{} {}", r.status(), r.text().await.unwrap_or_default()));
-                    }
-                }
-                Err(e) => {
-                    b.fetch_add(1, Ordering::SeqCst);
-                    if firsts.len() < 3 {
-                        firsts.push(e.to_string());
-                    }
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        firsts
-    });
-    (stop, ok, bad, h)
-}
 
 async fn force_refresh(tg: &Tollgate) -> u16 {
     client().post(tg.admin_url("/admin/providers/backend/refresh")).send().await.unwrap().status().as_u16()
@@ -58,7 +20,7 @@ async fn idp_faults_with_a_valid_token_fail_no_request_then_503_then_recover() {
     let upstream = Upstream::start(Some(ledger.clone())).await.unwrap();
     let tg = Tollgate::start(&oauth2_config(&idp, &upstream, "expiry_margin = \"1s\"", "token_wait = \"300ms\""));
     tg.wait_ready().await;
-    let (stop, ok, bad, h) = traffic(&tg);
+    let traffic = Traffic::start(&tg);
 
     // Each fault, forced through the admin API while the 8 s token is still valid.
     idp.stop();
@@ -71,10 +33,9 @@ async fn idp_faults_with_a_valid_token_fail_no_request_then_503_then_recover() {
     idp.set_mode(Mode::Garbage);
     assert_eq!(force_refresh(&tg).await, 502, "a 200 with garbage is a failed refresh");
 
-    stop.store(true, Ordering::SeqCst);
-    let firsts = h.await.unwrap();
-    assert_eq!(bad.load(Ordering::SeqCst), 0, "no client request may fail while a valid token exists: {firsts:?}");
-    assert!(ok.load(Ordering::SeqCst) > 50);
+    let (ok, bad, firsts) = traffic.finish().await;
+    assert_eq!(bad, 0, "no client request may fail while a valid token exists: {firsts:?}");
+    assert!(ok > 50);
     let m = tg.metrics().await;
     for class in ["connect", "server_error", "timeout", "malformed"] {
         let v = metric_value(&m, &format!("tollgate_token_fetch_total{{outcome=\"{class}\",provider=\"backend\"}}"));
@@ -218,7 +179,7 @@ async fn fault_matrix_rate_limit_redirect_oversize_and_bad_expiry() {
         .replace("client_secret = \"456789\"", "client_secret = \"cs-MATRIX-77\"");
     let tg = Tollgate::start(&text);
     tg.wait_ready().await;
-    let (stop, ok, bad, h) = traffic(&tg);
+    let traffic = Traffic::start(&tg);
 
     let faults: Vec<(Mode, &str)> = vec![
         (Mode::Redirect, "rejected"),
@@ -265,10 +226,9 @@ async fn fault_matrix_rate_limit_redirect_oversize_and_bad_expiry() {
     assert!(p["token"]["expires_in_s"].as_u64().unwrap() <= 24 * 3600, "capped at max_lifetime: {p}");
     idp.set_mode(Mode::Normal);
 
-    stop.store(true, Ordering::SeqCst);
-    let firsts = h.await.unwrap();
-    assert_eq!(bad.load(Ordering::SeqCst), 0, "no client request may fail while a valid token exists: {firsts:?}");
-    assert!(ok.load(Ordering::SeqCst) > 50);
+    let (ok, bad, firsts) = traffic.finish().await;
+    assert_eq!(bad, 0, "no client request may fail while a valid token exists: {firsts:?}");
+    assert!(ok > 50);
     assert!(upstream.seen().iter().all(|s| s.accepted));
     let logs = tg.logs();
     for secret in ledger.all().iter().map(String::as_str).chain(["cs-MATRIX-77"]) {

@@ -5,66 +5,12 @@
 mod support;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use support::*;
 
 const SUCCESS: &str = "tollgate_config_reload_total{outcome=\"success\"}";
 const REJECTED: &str = "tollgate_config_reload_total{outcome=\"rejected\"}";
-
-/// Client traffic until stopped, for at most 20 s and 4000 requests; counts answers
-/// other than 200 and keeps the first few.
-struct Traffic {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU32>,
-    bad: Arc<AtomicU32>,
-    task: tokio::task::JoinHandle<Vec<String>>,
-}
-
-impl Traffic {
-    fn start(tg: &Tollgate) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicU32::new(0));
-        let bad = Arc::new(AtomicU32::new(0));
-        let (s, o, b) = (stop.clone(), ok.clone(), bad.clone());
-        let url = tg.url("/load");
-        let task = tokio::spawn(async move {
-            let c = client();
-            let mut firsts = Vec::new();
-            let started = Instant::now();
-            let mut sent = 0;
-            while !s.load(Ordering::SeqCst) && started.elapsed() < Duration::from_secs(20) && sent < 4000 {
-                sent += 1;
-                let failure = match c.get(&url).send().await {
-                    Ok(r) if r.status() == 200 => None,
-                    Ok(r) => Some(format!("{} {}", r.status(), r.text().await.unwrap_or_default())),
-                    Err(e) => Some(e.to_string()),
-                };
-                match failure {
-                    None => o.fetch_add(1, Ordering::SeqCst),
-                    Some(f) => {
-                        if firsts.len() < 3 {
-                            firsts.push(f);
-                        }
-                        b.fetch_add(1, Ordering::SeqCst)
-                    }
-                };
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            firsts
-        });
-        Traffic { stop, ok, bad, task }
-    }
-
-    /// Stop; (successes, failures, the first failures).
-    async fn finish(self) -> (u32, u32, Vec<String>) {
-        self.stop.store(true, Ordering::SeqCst);
-        let firsts = self.task.await.expect("traffic task");
-        (self.ok.load(Ordering::SeqCst), self.bad.load(Ordering::SeqCst), firsts)
-    }
-}
 
 /// The watcher logs this once its watches are in place; changes made before could be missed.
 async fn wait_watching(tg: &Tollgate) {
