@@ -45,6 +45,7 @@ pub fn run(settings: Settings, config_path: Option<PathBuf>, rt: tokio::runtime:
     let admin_listen = settings.admin.listen;
     let threads = settings.proxy.threads;
     let shutdown_timeout = settings.proxy.shutdown_timeout;
+    let pool_size = settings.proxy.upstream_keepalive_pool_size;
 
     // Bind the admin port ourselves, and probe the proxy port, so that a port clash is a
     // clear error naming the key instead of a panic inside pingora.
@@ -83,6 +84,7 @@ pub fn run(settings: Settings, config_path: Option<PathBuf>, rt: tokio::runtime:
         grace_period_seconds: Some(shutdown_timeout.as_secs().max(1)),
         graceful_shutdown_timeout_seconds: Some(1),
         work_stealing: false,
+        upstream_keepalive_pool_size: pool_size,
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);

@@ -63,6 +63,15 @@ pub struct ProxyConfig {
     /// Upstream read timeout (per read, not the whole response).
     #[serde(default = "default_read_timeout", with = "humantime_serde")]
     pub upstream_read_timeout: Duration,
+    /// Idle upstream connections kept for reuse. pingora's default (128) makes a proxy
+    /// with more client connections than that close and reopen upstream connections
+    /// continuously (measured in bench/results).
+    #[serde(default = "default_keepalive_pool")]
+    pub upstream_keepalive_pool_size: usize,
+}
+
+fn default_keepalive_pool() -> usize {
+    1024
 }
 
 impl Default for ProxyConfig {
@@ -75,6 +84,7 @@ impl Default for ProxyConfig {
             access_log: false,
             upstream_connect_timeout: default_connect_timeout(),
             upstream_read_timeout: default_read_timeout(),
+            upstream_keepalive_pool_size: default_keepalive_pool(),
         }
     }
 }

@@ -45,6 +45,7 @@ pub struct ProxySettings {
     pub access_log: bool,
     pub upstream_connect_timeout: Duration,
     pub upstream_read_timeout: Duration,
+    pub upstream_keepalive_pool_size: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]

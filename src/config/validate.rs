@@ -139,6 +139,7 @@ impl Validator<'_> {
             upstream_connect_timeout: self
                 .nonzero("proxy.upstream_connect_timeout", raw.proxy.upstream_connect_timeout)?,
             upstream_read_timeout: self.nonzero("proxy.upstream_read_timeout", raw.proxy.upstream_read_timeout)?,
+            upstream_keepalive_pool_size: raw.proxy.upstream_keepalive_pool_size,
         };
 
         let admin_listen = self.socket_addr("admin.listen", &raw.admin.listen)?;
