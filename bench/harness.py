@@ -55,7 +55,8 @@ TARGET_NAMES = {
     "G": "bare pingora, keep-alive pool 1024",
 }
 BARE_VARIANTS = {
-    "C": {},
+    # Same idle upstream pool as tollgate's default (proxy.upstream_keepalive_pool_size).
+    "C": {"BARE_PROXY_POOL_SIZE": "1024"},
     "F": {"BARE_PROXY_WORK_STEALING": "0"},
     "G": {"BARE_PROXY_POOL_SIZE": "1024"},
 }
