@@ -52,6 +52,21 @@ async fn no_secret_or_token_in_logs_metrics_or_admin() {
     assert_eq!(unauthorized.status(), 401, "admin token required on /metrics");
     let logs = tg.logs();
     assert!(logs.contains("token obtained"), "logs were captured");
+    // access_log = true: one JSON line per proxied request, with the token's generation
+    // and the path without its query string.
+    let access: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("route").is_some())
+        .collect();
+    assert!(access.len() >= 30, "an access log line per request: {}", access.len());
+    let line = access.iter().find(|v| v["path"] == "/a/3").expect("access line for /a/3");
+    assert_eq!(
+        (line["route"].as_str(), line["provider"].as_str(), line["status"].as_u64()),
+        (Some("api"), Some("backend"), Some(200))
+    );
+    assert!(line["token_generation"].as_u64().is_some() && line["duration_ms"].as_f64().is_some());
+    assert!(!logs.contains("k=v"), "the query string is not logged");
 
     let mut secrets: Vec<String> = vec![
         "cs-LEAKCHECK-91a7".into(),
