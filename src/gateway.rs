@@ -22,6 +22,9 @@ use crate::token::TokenCell;
 /// (its shutdown sender goes away), which is how a reload retires a changed provider.
 pub struct ProviderHandle {
     pub spec: ProviderSpec,
+    /// The header prefix its tokens are built with (from its routes): part of what a
+    /// reload compares, since it is baked into every token's header.
+    pub prefix: String,
     pub cell: Arc<TokenCell>,
     /// Login steps are run by the refresher, which owns all talk with the IdP.
     pub commands: mpsc::Sender<Command>,
@@ -49,13 +52,22 @@ pub struct Gateway {
     handle: Handle,
     store: Arc<dyn TokenStore>,
     inflight: AtomicUsize,
+    /// SIGHUP and the file watcher may reload at once; one at a time, so that no build
+    /// starts refreshers that a concurrent build then discards.
+    reloading: std::sync::Mutex<()>,
 }
 
 impl Gateway {
     /// Build and start refreshers on `handle` (the control runtime).
     pub fn start(settings: Settings, handle: Handle, store: Arc<dyn TokenStore>) -> Result<Arc<Self>, BuildError> {
         let active = build(Arc::new(settings), &BTreeMap::new(), &handle, &store)?;
-        Ok(Arc::new(Gateway { active: ArcSwap::from_pointee(active), handle, store, inflight: AtomicUsize::new(0) }))
+        Ok(Arc::new(Gateway {
+            active: ArcSwap::from_pointee(active),
+            handle,
+            store,
+            inflight: AtomicUsize::new(0),
+            reloading: std::sync::Mutex::new(()),
+        }))
     }
 
     #[inline]
@@ -70,6 +82,7 @@ impl Gateway {
     /// Swap in a new configuration. Providers whose spec (secrets included) is unchanged
     /// keep their cell, token and refresher; the others start afresh.
     pub fn reload(&self, settings: Settings) -> Result<ReloadSummary, BuildError> {
+        let _one_at_a_time = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
         let old = self.active.load_full();
         let next = build(Arc::new(settings), &old.providers, &self.handle, &self.store)?;
         let kept =
@@ -111,17 +124,29 @@ fn build(
     handle: &Handle,
     store: &Arc<dyn TokenStore>,
 ) -> Result<Active, BuildError> {
+    // Everything that can fail comes first (peers, DNS, token sources); refreshers start
+    // only once the whole configuration is known to be good.
+    let peers = settings.routes.iter().map(|r| peer_for(r, &settings)).collect::<Result<Vec<_>, _>>()?;
+    let mut prepared = Vec::new();
     let mut providers = BTreeMap::new();
     for spec in &settings.providers {
-        let reused = previous.get(&spec.name).filter(|h| h.spec == *spec).cloned();
-        let h = match reused {
-            Some(h) => h,
-            None => Arc::new(start_provider(spec, &header_prefix(&settings, spec), handle, store)?),
-        };
-        providers.insert(spec.name.clone(), h);
+        let prefix = header_prefix(&settings, spec);
+        match previous.get(&spec.name).filter(|h| h.spec == *spec && h.prefix == prefix) {
+            Some(h) => {
+                providers.insert(spec.name.clone(), Arc::clone(h));
+            }
+            None => {
+                let source =
+                    crate::provider::build(spec).map_err(|e| BuildError::Provider(spec.name.clone(), e.detail))?;
+                prepared.push((spec, prefix, source));
+            }
+        }
+    }
+    for (spec, prefix, source) in prepared {
+        providers.insert(spec.name.clone(), Arc::new(start_provider(spec, prefix, source, handle, store)));
     }
     let mut entries = Vec::new();
-    for r in &settings.routes {
+    for (r, peer) in settings.routes.iter().zip(peers) {
         let cell = r.provider.as_ref().and_then(|p| providers.get(p)).map(|h| Arc::clone(&h.cell));
         let reauth_min_interval = r
             .provider
@@ -130,7 +155,7 @@ fn build(
             .map(|p| p.timing.reauth_min_interval)
             .unwrap_or_default();
         entries.push(RouteEntry {
-            peer: peer_for(r, &settings)?,
+            peer,
             metrics: crate::metrics::RouteMetrics::new(&r.name),
             spec: r.clone(),
             cell,
@@ -153,11 +178,11 @@ fn header_prefix(settings: &Settings, spec: &ProviderSpec) -> String {
 
 fn start_provider(
     spec: &ProviderSpec,
-    prefix: &str,
+    prefix: String,
+    source: Arc<dyn crate::provider::TokenSource>,
     handle: &Handle,
     store: &Arc<dyn TokenStore>,
-) -> Result<ProviderHandle, BuildError> {
-    let source = crate::provider::build(spec).map_err(|e| BuildError::Provider(spec.name.clone(), e.detail))?;
+) -> ProviderHandle {
     let cell = TokenCell::new(spec.name.clone());
     let (stop, stop_rx) = watch::channel(false);
     let (commands, commands_rx) = mpsc::channel(8);
@@ -165,13 +190,13 @@ fn start_provider(
         cell: Arc::clone(&cell),
         source,
         timing: spec.timing.clone(),
-        header_prefix: prefix.to_string(),
+        header_prefix: prefix.clone(),
         upstream_headers: spec.upstream_headers.clone(),
         store: Arc::clone(store),
         fingerprint: spec.fingerprint.clone(),
     };
     handle.spawn(refresher.run(stop_rx, commands_rx));
-    Ok(ProviderHandle { spec: spec.clone(), cell, commands, _stop: stop })
+    ProviderHandle { spec: spec.clone(), prefix, cell, commands, _stop: stop }
 }
 
 /// Resolve the upstream's host now, at start or reload, so that the request path never

@@ -147,7 +147,11 @@ async fn reload_on_sighup(gateway: Arc<Gateway>, path: Option<PathBuf>) {
     };
     while hup.recv().await.is_some() {
         match &path {
-            Some(p) => reload(&gateway, p),
+            // Loading reads files and resolves DNS: keep it off the runtime's two workers.
+            Some(p) => {
+                let (gw, p) = (Arc::clone(&gateway), p.clone());
+                let _ = tokio::task::spawn_blocking(move || reload(&gw, &p)).await;
+            }
             None => info!("SIGHUP ignored: the configuration is embedded"),
         }
     }

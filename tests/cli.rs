@@ -71,6 +71,11 @@ fn bad_configs_exit_nonzero_naming_key_and_source() {
             vec![],
             vec!["TG_UNSET_VAR"],
         ),
+        (
+            GOOD.replace("http://127.0.0.1:9/oauth/v2/token", "http://id:super-secret-value@127.0.0.1:9/token"),
+            vec![],
+            vec!["providers.backend.token_url", "credentials in the URL"],
+        ),
     ];
     for (config, env, needles) in cases {
         let (code, _out, err) = check(&config, &env);
@@ -144,4 +149,23 @@ async fn demo_injects_and_refreshes() {
     assert!(banner.contains(&format!("curl -s http://{proxy}/hello")), "{banner}");
     assert!(tokens.len() >= 2 && tokens.iter().all(|t| t.starts_with("Bearer demo-")), "{tokens:?}");
     assert_eq!(ready.ok(), Some(200));
+}
+
+#[test]
+fn show_may_not_expose_a_token() {
+    let cfg = r#"
+[providers.p]
+kind = "http"
+base_url = "http://127.0.0.1:9"
+show = ["token"]
+[[providers.p.acquire]]
+path = "/auth"
+extract = { token = "/token" }
+[[routes]]
+upstream = "http://127.0.0.1:9"
+provider = "p"
+"#;
+    let (code, _out, err) = check(cfg, &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("providers.p.show") && err.contains("never shown"), "{err}");
 }

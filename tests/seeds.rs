@@ -281,7 +281,7 @@ otp_email = "someone@example.com"
         idp.url(),
         idp.addr
     );
-    let tg = Tollgate::start(&config(&provider, &upstream, ""));
+    let mut tg = Tollgate::start(&config(&provider, &upstream, ""));
     tg.wait_healthy().await;
     assert_eq!(get_json(tg.admin_url("/admin/providers/p")).await["state"], "awaiting_code");
     assert_eq!(idp.count(), 0, "nothing to send without the OTP");
@@ -301,6 +301,18 @@ otp_email = "someone@example.com"
         assert_eq!(client().get(tg.url("/x")).send().await.unwrap().status(), 200);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert!(upstream.seen().iter().all(|s| s.accepted));
+
+    // Down for longer than the token lives: the stored refresh token renews it at start,
+    // with no new OTP and no human.
+    tg.kill_hard();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (otps, refreshes) = (idp.otp_sends(), idp.count_grant("refresh_token"));
+    tg.start_again();
+    tg.wait_ready().await;
+    assert_eq!(client().get(tg.url("/after-downtime")).send().await.unwrap().status(), 200);
+    assert_eq!(idp.otp_sends(), otps, "no new OTP");
+    assert!(idp.count_grant("refresh_token") > refreshes, "renewed with the stored refresh token");
     assert!(upstream.seen().iter().all(|s| s.accepted));
 }
 

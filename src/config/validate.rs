@@ -532,6 +532,17 @@ impl Validator<'_> {
         for st in flow.acquire.iter().chain(&flow.refresh).chain(&flow.login) {
             known.extend(st.extract.iter().map(|(k, _)| k.clone()));
         }
+        for shown in &flow.public {
+            if shown == "token" || shown == "refresh_token" || shown == "code" || flow.vars.contains_key(shown) {
+                return Err(self.err(
+                    format!("providers.{name}.show"),
+                    format!("`{shown}` is a token or a config value and is never shown"),
+                ));
+            }
+        }
+        if !flow.refresh.is_empty() && !flow.refresh.iter().any(|s| s.extract.iter().any(|(k, _)| k == "token")) {
+            return Err(self.err(format!("providers.{name}.refresh"), "refresh steps must extract `token`"));
+        }
         let has_token = flow.acquire.iter().chain(&flow.login).any(|s| s.extract.iter().any(|(k, _)| k == "token"));
         if !has_token {
             return Err(self.err(format!("providers.{name}"), "no step extracts `token`"));
@@ -656,12 +667,18 @@ impl Validator<'_> {
     }
 
     fn http_url(&self, key: &str, s: &str) -> Result<url::Url, ConfigError> {
-        let u = url::Url::parse(s).map_err(|e| self.err(key, format!("`{s}` is not a valid URL: {e}")))?;
+        // The value is not echoed: a URL may carry a key in its query or userinfo.
+        let u = url::Url::parse(s).map_err(|e| self.err(key, format!("not a valid URL: {e}")))?;
+        if !u.username().is_empty() || u.password().is_some() {
+            return Err(
+                self.err(key, "credentials in the URL are not supported (use client_id/client_secret or secrets)")
+            );
+        }
         if u.scheme() != "http" && u.scheme() != "https" {
             return Err(self.err(key, format!("scheme `{}` is not supported; use http or https", u.scheme())));
         }
         if u.host_str().is_none() {
-            return Err(self.err(key, format!("`{s}` has no host")));
+            return Err(self.err(key, "the URL has no host"));
         }
         Ok(u)
     }

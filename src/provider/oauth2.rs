@@ -165,6 +165,7 @@ impl TokenSource for OAuth2Source {
                 // RFC 6749 section 6: the IdP may keep the old refresh token valid and omit it.
                 if next.refresh_token.is_none() {
                     next.refresh_token = Some(rt.clone());
+                    next.vars.insert("refresh_token".into(), rt.clone());
                 }
                 Ok(next)
             }

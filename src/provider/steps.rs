@@ -224,14 +224,12 @@ impl TokenSource for HttpFlowSource {
     async fn refresh(&self, previous: &TokenSet) -> Result<TokenSet, FetchError> {
         let mut vars = self.base_vars();
         vars.extend(previous.vars.iter().map(|(k, v)| (k.clone(), v.clone())));
-        let (mut got, exp) = self.run(&self.spec.refresh, vars).await?;
-        // A refresh that returns no new refresh token keeps the old one.
-        if !got.contains_key(REFRESH_TOKEN) {
-            if let Some(rt) = previous.vars.get(REFRESH_TOKEN) {
-                got.insert(REFRESH_TOKEN.into(), rt.clone());
-            }
-        }
-        self.token_set(got, exp)
+        let (got, exp) = self.run(&self.spec.refresh, vars).await?;
+        // What the refresh does not return again (a non-rotated refresh token, Thrill-ID's
+        // org_id) carries over from the previous set.
+        let mut merged = previous.vars.clone();
+        merged.extend(got);
+        self.token_set(merged, exp)
     }
 
     fn can_refresh(&self, previous: &TokenSet) -> bool {

@@ -23,10 +23,11 @@ pub struct Template(Vec<Part>);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TemplateError {
-    #[error("unclosed `{{` in `{0}`")]
-    Unclosed(String),
-    #[error("empty or invalid placeholder name in `{0}` (use letters, digits and `_`)")]
-    BadName(String),
+    /// The template text is kept out of the message: it may hold a literal secret.
+    #[error("unclosed `{{` in a template")]
+    Unclosed,
+    #[error("empty or invalid placeholder name in a template (use letters, digits and `_`)")]
+    BadName,
     #[error("no value for `{{{0}}}`")]
     Missing(String),
 }
@@ -66,11 +67,11 @@ impl Template {
                         match chars.next() {
                             Some('}') => break,
                             Some(ch) => name.push(ch),
-                            None => return Err(TemplateError::Unclosed(text.to_string())),
+                            None => return Err(TemplateError::Unclosed),
                         }
                     }
                     if name.is_empty() || !name.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_') {
-                        return Err(TemplateError::BadName(text.to_string()));
+                        return Err(TemplateError::BadName);
                     }
                     if !lit.is_empty() {
                         parts.push(Part::Lit(std::mem::take(&mut lit)));
@@ -128,8 +129,8 @@ mod tests {
 
     #[test]
     fn errors() {
-        assert!(matches!(Template::parse("{oops"), Err(TemplateError::Unclosed(_))));
-        assert!(matches!(Template::parse("{a-b}"), Err(TemplateError::BadName(_))));
+        assert!(matches!(Template::parse("{oops"), Err(TemplateError::Unclosed)));
+        assert!(matches!(Template::parse("{a-b}"), Err(TemplateError::BadName)));
         let t = Template::parse("{missing}").unwrap();
         assert_eq!(t.render(&Vars::new()).unwrap_err(), TemplateError::Missing("missing".into()));
     }

@@ -240,6 +240,8 @@ impl ProxyHttp for TollgateProxy {
         }
         match cell.obtain(ctx.token_wait).await {
             Ok(fresh) if fresh.generation > token.generation => {
+                // The replay must never fall back to the rejected token.
+                ctx.token = Some(fresh);
                 ctx.auth_retried = true;
                 ctx.auth_retry_pending = true;
                 let mut e = Error::explain(

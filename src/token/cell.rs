@@ -181,6 +181,9 @@ impl TokenCell {
         let swapped = matches!(&*prev, Some(t) if t.generation == generation);
         if swapped {
             self.wake.notify_one();
+        } else {
+            // Lost to a refresh that replaced the token meanwhile: give the slot back.
+            self.last_invalidation.store(last, Ordering::Release);
         }
         swapped
     }

@@ -67,6 +67,16 @@ impl Refresher {
         };
         loop {
             tokio::select! {
+                // Shutdown first: a retired refresher (replaced by a reload) must not make
+                // one more IdP call or overwrite the live provider's stored token.
+                biased;
+                r = shutdown.changed() => {
+                    if r.is_err() || *shutdown.borrow() {
+                        debug!(provider = %name, "refresher stopping");
+                        return;
+                    }
+                    continue;
+                }
                 _ = tokio::time::sleep_until(next_at.into()) => {}
                 _ = self.cell.woken() => {
                     let forced = self.cell.take_force();
@@ -94,13 +104,6 @@ impl Refresher {
                     }
                     continue;
                 }
-                r = shutdown.changed() => {
-                    if r.is_err() || *shutdown.borrow() {
-                        debug!(provider = %name, "refresher stopping");
-                        return;
-                    }
-                    continue;
-                }
             }
             next_at = self.attempt(&mut mem).await;
         }
@@ -110,9 +113,11 @@ impl Refresher {
     async fn attempt(&self, mem: &mut Memory) -> Instant {
         let can_refresh = mem.previous.as_ref().is_some_and(|p| self.source.can_refresh(p));
         if !can_refresh && !self.source.can_acquire() {
-            // Only a human can renew this token.
+            // Only a human can renew this token; nothing to fetch while it is usable.
             if self.cell.usable().is_some() {
-                return Instant::now() + FAR;
+                let next = Instant::now() + FAR;
+                self.report(None, next);
+                return next;
             }
             let _ = self.store.remove(self.cell.name());
             self.await_code("the token is gone and only a human login can renew it");
@@ -132,7 +137,9 @@ impl Refresher {
         });
         match result {
             Ok((set, token)) => self.succeeded(mem, set, token),
-            Err(e) if !self.source.can_acquire() && e.class.is_credential() && self.cell.usable().is_none() => {
+            // Only an IdP's explicit verdict on the grant ends a human-obtained session; a 403
+            // from a WAF or a redirect to a maintenance page is backed off like an outage.
+            Err(e) if !self.source.can_acquire() && grant_rejected(&e) && self.cell.usable().is_none() => {
                 self.failed(mem, &e);
                 mem.previous = None;
                 // A dead token must not come back from the store after a restart.
@@ -152,9 +159,11 @@ impl Refresher {
         if let Some(prev) = mem.previous.as_ref().filter(|p| self.source.can_refresh(p)) {
             match self.source.refresh(prev).await {
                 Ok(set) => return Ok(set),
-                Err(e) if e.class.is_credential() && self.source.can_acquire() => {
+                // Re-authenticate when the IdP rejects the refresh, or when the refresh
+                // flow fails in any way and there is no usable token left to serve.
+                Err(e) if self.source.can_acquire() && (e.class.is_credential() || self.cell.usable().is_none()) => {
                     metrics::get().token_fetch_total.with_label_values(&[name, e.class.as_str()]).inc();
-                    warn!(provider = %name, class = %e.class, status = e.status, "refresh rejected; re-authenticating with the configured grant");
+                    warn!(provider = %name, class = %e.class, status = e.status, "refresh failed; re-authenticating with the configured grant");
                     mem.previous = None;
                 }
                 Err(e) => return Err(e),
@@ -172,7 +181,12 @@ impl Refresher {
         })?;
         mem.pending = Some(pending);
         info!(provider = %self.cell.name(), "login started; waiting for the code");
-        self.await_code("login started; waiting for the code");
+        // Requests are turned away with `login_required` only when no token can be had
+        // otherwise; a pending login alone does not stop a usable or renewable token.
+        let renewable = mem.previous.as_ref().is_some_and(|p| self.source.can_refresh(p));
+        if self.cell.usable().is_none() && !renewable {
+            self.await_code("login started; waiting for the code");
+        }
         Ok(())
     }
 
@@ -238,11 +252,13 @@ impl Refresher {
             next_refresh_in_ms = next_at.saturating_duration_since(Instant::now()).as_millis() as u64,
             "token obtained"
         );
-        if let Err(e) = self.store.save(name, self.stored(&set, &token)) {
-            warn!(provider = %name, error = %e, "could not save the token to the store");
-        }
+        // Publish first: waiting requests should not wait for the fsync.
+        let stored = self.stored(&set, &token);
         mem.previous = Some(set);
         self.cell.publish(Some(token));
+        if let Err(e) = self.store.save(name, stored) {
+            warn!(provider = %name, error = %e, "could not save the token to the store");
+        }
         let mut st = self.cell.lock_status();
         st.last_success = Some(SystemTime::now());
         st.consecutive_failures = 0;
@@ -292,7 +308,8 @@ impl Refresher {
             (Lifetime::Finite(total), Some(exp)) => {
                 let remaining = exp.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
                 let wait = schedule::refresh_in(total, remaining, self.timing.refresh_before, fastrand::f64());
-                Instant::now() + wait.max(Duration::from_millis(100))
+                // Never faster than backoff_min, whatever tiny lifetime the IdP claims.
+                Instant::now() + wait.max(self.timing.backoff_min)
             }
             _ => Instant::now() + FAR,
         }
@@ -314,13 +331,7 @@ impl Refresher {
         let now = unix_now();
         let lifetime = match stored.expires_at {
             None => Lifetime::Never,
-            Some(exp) if exp > now => {
-                Lifetime::Finite(Duration::from_secs(exp.saturating_sub(stored.issued_at).max(1)))
-            }
-            Some(_) => {
-                info!(provider = %name, "stored token has expired");
-                return None;
-            }
+            Some(exp) => Lifetime::Finite(Duration::from_secs(exp.saturating_sub(stored.issued_at).max(1))),
         };
         let mut vars = Vars::new();
         for (k, v) in &stored.vars {
@@ -336,15 +347,19 @@ impl Refresher {
         };
         let elapsed = Duration::from_secs(now.saturating_sub(stored.issued_at));
         let token = match self.build(&set, lifetime, elapsed) {
-            Ok(t) => t,
-            Err(e) => {
-                warn!(provider = %name, detail = %e.detail, "stored token cannot be used");
+            Ok(t) if t.usable_at(Instant::now()) => t,
+            _ => {
+                // The access token is spent, but its refresh token may not be: refresh now
+                // instead of asking a human again (seed 002's user tokens).
+                if self.source.can_refresh(&set) {
+                    info!(provider = %name, "stored token has expired; refreshing it with the stored refresh token");
+                    mem.previous = Some(set);
+                    return Some(Instant::now());
+                }
+                info!(provider = %name, "stored token has expired or cannot be used");
                 return None;
             }
         };
-        if !token.usable_at(Instant::now()) {
-            return None;
-        }
         info!(provider = %name, generation = token.generation, "using the stored token; no token request needed");
         let next_at = self.next_refresh(&token);
         metrics::get().token_valid.with_label_values(&[name]).set(1);
@@ -436,6 +451,11 @@ impl ActiveToken {
             Lifetime::Finite(d) => Some(d.as_secs()),
         }
     }
+}
+
+/// The IdP said no to the grant itself (as opposed to a gateway, WAF or outage).
+fn grant_rejected(e: &FetchError) -> bool {
+    e.class == ErrorClass::InvalidGrant || (e.class.is_credential() && e.oauth_error.is_some())
 }
 
 fn unix_now() -> u64 {

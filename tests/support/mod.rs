@@ -84,10 +84,20 @@ impl Tollgate {
 
     /// Kill (as `kill -9` would) and start again on the same ports and config.
     pub fn restart_hard(&mut self) {
+        self.kill_hard();
+        self.spawn(&[]);
+    }
+
+    /// Kill as `kill -9` would.
+    pub fn kill_hard(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Start again after [`Tollgate::kill_hard`], on the same ports and config.
+    pub fn start_again(&mut self) {
         self.spawn(&[]);
     }
 
