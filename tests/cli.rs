@@ -92,6 +92,11 @@ fn env_override_applies() {
     let (code, out, err) = check(GOOD, &[("TOLLGATE_PROXY__LISTEN", "127.0.0.1:18181")]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("listen 127.0.0.1:18181"), "{out}");
+    // Digits stay a string for string keys and become a number for numeric keys.
+    let (code, out, err) =
+        check(GOOD, &[("TOLLGATE_PROVIDERS__BACKEND__CLIENT_ID", "0123456"), ("TOLLGATE_PROXY__THREADS", "3")]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("client_id 0123456") && out.contains("threads 3"), "{out}");
 }
 
 #[test]

@@ -39,14 +39,48 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
 
 /// Load from a string (the demo's embedded config; tests).
 pub fn load_str(toml: &str, origin: &Path) -> Result<Settings, ConfigError> {
-    let figment = Figment::from(Toml::string(toml)).merge(env_provider());
+    let figment = Figment::from(Toml::string(toml)).merge(EnvStrings(env_provider()));
     validate::validate(&figment, origin)
 }
 
 fn figment_for(path: &Path) -> Figment {
     let is_yaml = matches!(path.extension().and_then(|e| e.to_str()), Some("yaml") | Some("yml"));
     let base = if is_yaml { Figment::from(Yaml::file_exact(path)) } else { Figment::from(Toml::file_exact(path)) };
-    base.merge(env_provider())
+    base.merge(EnvStrings(env_provider()))
+}
+
+/// Environment overrides, every value taken as a string. figment's `Env` parses values,
+/// so `TOLLGATE_PROVIDERS__TNID__TELEPHONE_NUMBER=15555550100` would become a number and
+/// fail a string key; with strings here and lossy extraction, numeric keys still parse
+/// ("8" for `proxy.threads`) and string keys keep their digits.
+struct EnvStrings(Env);
+
+impl figment::Provider for EnvStrings {
+    fn metadata(&self) -> figment::Metadata {
+        self.0.metadata()
+    }
+
+    fn data(&self) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        let mut dict = figment::value::Dict::new();
+        for (key, value) in self.0.iter() {
+            let mut path: Vec<String> = key.as_str().split('.').map(str::to_string).collect();
+            let Some(last) = path.pop() else { continue };
+            let mut node = &mut dict;
+            for part in path {
+                let entry =
+                    node.entry(part).or_insert_with(|| figment::value::Value::from(figment::value::Dict::new()));
+                if entry.as_dict().is_none() {
+                    *entry = figment::value::Value::from(figment::value::Dict::new());
+                }
+                node = match entry {
+                    figment::value::Value::Dict(_, d) => d,
+                    _ => return Err(figment::Error::from(format!("environment key `{key}` conflicts with another"))),
+                };
+            }
+            node.insert(last, figment::value::Value::from(value));
+        }
+        Ok(figment::Profile::Default.collect(dict))
+    }
 }
 
 /// Only the config's own sections are taken from the environment, so that variables like

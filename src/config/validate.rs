@@ -67,7 +67,9 @@ fn kind_keys(kind: ProviderKind) -> &'static [&'static str] {
 
 /// Extract and validate.
 pub(super) fn validate(figment: &Figment, path: &Path) -> Result<Settings, ConfigError> {
-    let raw: FileConfig = figment.extract().map_err(|e| ConfigError::Parse(describe_figment(e)))?;
+    // Lossy: environment values arrive as strings (see `EnvStrings`) and may fill numeric
+    // or boolean keys.
+    let raw: FileConfig = figment.extract_lossy().map_err(|e| ConfigError::Parse(describe_figment(e)))?;
     let v = Validator { figment, path };
     v.settings(raw)
 }
