@@ -88,7 +88,11 @@ impl Gateway {
         let kept =
             next.providers.iter().filter(|(n, h)| old.providers.get(*n).is_some_and(|o| Arc::ptr_eq(o, h))).count();
         let summary = ReloadSummary { providers: next.providers.len(), kept, routes: next.router.entries().len() };
+        let removed: Vec<String> = old.providers.keys().filter(|n| !next.providers.contains_key(*n)).cloned().collect();
         self.active.store(Arc::new(next));
+        for name in removed {
+            crate::metrics::get().forget_provider(&name);
+        }
         Ok(summary)
     }
 

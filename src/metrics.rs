@@ -137,6 +137,21 @@ impl Metrics {
         self.token_unavailable_total.with_label_values(&[provider]);
     }
 
+    /// Drop every series of a provider that a reload removed, so dashboards and alerts do
+    /// not keep seeing its last state (e.g. `tollgate_token_valid 1`) forever.
+    pub fn forget_provider(&self, provider: &str) {
+        let _ = self.token_fetch_total.remove_label_values(&[provider, "success"]);
+        for class in crate::provider::ErrorClass::ALL {
+            let _ = self.token_fetch_total.remove_label_values(&[provider, class.as_str()]);
+        }
+        let _ = self.token_fetch_duration.remove_label_values(&[provider]);
+        let _ = self.token_expiry_timestamp.remove_label_values(&[provider]);
+        let _ = self.token_valid.remove_label_values(&[provider]);
+        let _ = self.token_fetch_consecutive_failures.remove_label_values(&[provider]);
+        let _ = self.provider_awaiting_code.remove_label_values(&[provider]);
+        let _ = self.token_unavailable_total.remove_label_values(&[provider]);
+    }
+
     /// The text exposition.
     pub fn encode(&self) -> Vec<u8> {
         let mut buf = Vec::with_capacity(8 * 1024);

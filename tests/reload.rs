@@ -187,3 +187,28 @@ async fn sighup_reloads_routes_and_keeps_the_token() {
     assert_eq!(idp.count(), 1, "a routes-only change makes no token request");
     assert!(upstream.seen().iter().all(|s| s.accepted));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_provider_removed_by_a_reload_leaves_no_metric_series_behind() {
+    let ledger = Ledger::default();
+    let idp = Idp::start(IdpConfig::default(), ledger.clone()).await.unwrap();
+    let upstream = Upstream::start(Some(ledger.clone())).await.unwrap();
+    let base = oauth2_config(&idp, &upstream, "", "");
+    let extra = format!(
+        "{base}\n[providers.extra]\nkind = \"oauth2\"\ntoken_url = \"{}\"\nclient_id = \"abc123\"\nclient_secret = \"456789\"\n\n[[routes]]\nname = \"extra\"\npath_prefix = \"/extra\"\nupstream = \"{}\"\nprovider = \"extra\"\n",
+        idp.url(),
+        upstream.url()
+    );
+    let tg = Tollgate::start(&extra);
+    tg.wait_ready().await;
+    wait_watching(&tg).await;
+    assert!(tg.metrics().await.contains("tollgate_token_valid{provider=\"extra\"} 1"));
+    let text = std::fs::read_to_string(&tg.config_path).unwrap();
+    let without = text[..text.find("\n[providers.extra]").unwrap()].to_string();
+    write_atomic(&tg.config_path, &without);
+    wait_metric(&tg, SUCCESS, 1.0).await;
+    let m = tg.metrics().await;
+    assert!(!m.contains("provider=\"extra\""), "series of the removed provider remain:\n{m}");
+    assert!(m.contains("tollgate_token_valid{provider=\"backend\"} 1"));
+    assert_eq!(client().get(tg.url("/still")).send().await.unwrap().status(), 200);
+}

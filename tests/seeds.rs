@@ -304,7 +304,25 @@ otp_email = "someone@example.com"
     assert!(upstream.seen().iter().all(|s| s.accepted));
 
     // Down for longer than the token lives: the stored refresh token renews it at start,
-    // with no new OTP and no human.
+    // with no new OTP and no human. Kill right after a refresh has been saved: the IdP
+    // rotates refresh tokens, so a kill between its answer and the save would leave a
+    // spent one behind (a window of milliseconds per token lifetime in real use).
+    let store = tg.dir.path().join("tokens.json");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Start right after a refresh, so the next one is most of a cycle away.
+    let seen = idp.count_grant("refresh_token");
+    while idp.count_grant("refresh_token") == seen {
+        assert!(Instant::now() < deadline, "no refresh to align on");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    loop {
+        let stored = std::fs::read_to_string(&store).unwrap_or_default();
+        if idp.live_refresh_tokens().iter().any(|rt| stored.contains(rt.as_str())) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the store never held the live refresh token");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     tg.kill_hard();
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let (otps, refreshes) = (idp.otp_sends(), idp.count_grant("refresh_token"));

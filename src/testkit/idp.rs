@@ -220,6 +220,11 @@ impl Idp {
         lock(&self.inner.otps).get(email_or_phone).cloned()
     }
 
+    /// Refresh tokens issued and not yet used (one at a time with rotation).
+    pub fn live_refresh_tokens(&self) -> Vec<String> {
+        lock(&self.inner.refresh_tokens).keys().cloned().collect()
+    }
+
     pub fn otp_sends(&self) -> u64 {
         self.inner.otp_sends.load(Ordering::SeqCst)
     }
