@@ -13,11 +13,8 @@ async fn force_refresh(tg: &Tollgate) -> u16 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn idp_faults_with_a_valid_token_fail_no_request_then_503_then_recover() {
-    let ledger = Ledger::default();
-    let idp = Idp::start(IdpConfig { lifetime: Duration::from_secs(8), ..IdpConfig::default() }, ledger.clone())
-        .await
-        .unwrap();
-    let upstream = Upstream::start(Some(ledger.clone())).await.unwrap();
+    let (idp, upstream, _ledger) =
+        oauth2_doubles(IdpConfig { lifetime: Duration::from_secs(8), ..IdpConfig::default() }).await;
     let tg = Tollgate::start(&oauth2_config(&idp, &upstream, "expiry_margin = \"1s\"", "token_wait = \"300ms\""));
     tg.wait_ready().await;
     let traffic = Traffic::start(&tg);
@@ -82,15 +79,13 @@ async fn idp_faults_with_a_valid_token_fail_no_request_then_503_then_recover() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn refresh_token_grant_is_used_and_invalid_grant_falls_back_to_password() {
-    let ledger = Ledger::default();
     let cfg = IdpConfig {
         lifetime: Duration::from_secs(2),
         username: Some("someone@example.com".into()),
         password: Some("def56789".into()),
         ..IdpConfig::default()
     };
-    let idp = Idp::start(cfg, ledger.clone()).await.unwrap();
-    let upstream = Upstream::start(Some(ledger.clone())).await.unwrap();
+    let (idp, upstream, _ledger) = oauth2_doubles(cfg).await;
     let extra =
         "grant = \"password\"\nusername = \"someone@example.com\"\npassword = \"def56789\"\nencoding = \"json\"";
     let tg = Tollgate::start(&oauth2_config(&idp, &upstream, extra, ""));
@@ -130,10 +125,8 @@ async fn refresh_token_grant_is_used_and_invalid_grant_falls_back_to_password() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn client_secret_basic_is_sent_form_encoded() {
-    let ledger = Ledger::default();
     let cfg = IdpConfig { client_id: "my client".into(), client_secret: "s:e+c%r t".into(), ..IdpConfig::default() };
-    let idp = Idp::start(cfg, ledger.clone()).await.unwrap();
-    let upstream = Upstream::start(Some(ledger)).await.unwrap();
+    let (idp, upstream, _ledger) = oauth2_doubles(cfg).await;
     let text = oauth2_config(&idp, &upstream, "client_auth = \"client_secret_basic\"\nscope = \"read write\"", "")
         .replace("client_id = \"abc123\"", "client_id = \"my client\"")
         .replace("client_secret = \"456789\"", "client_secret = { env = \"TG_TEST_SECRET\" }");
@@ -149,9 +142,7 @@ async fn client_secret_basic_is_sent_form_encoded() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn wrong_client_secret_is_classified_and_answered_503() {
-    let ledger = Ledger::default();
-    let idp = Idp::start(IdpConfig::default(), ledger.clone()).await.unwrap();
-    let upstream = Upstream::start(Some(ledger)).await.unwrap();
+    let (idp, upstream, _ledger) = oauth2_doubles(IdpConfig::default()).await;
     let text = oauth2_config(&idp, &upstream, "", "token_wait = \"2s\"")
         .replace("client_secret = \"456789\"", "client_secret = \"wrong\"");
     let tg = Tollgate::start(&text);
@@ -170,11 +161,9 @@ async fn wrong_client_secret_is_classified_and_answered_503() {
 /// 429's Retry-After is honoured; secrets and tokens stay out of the logs.
 #[tokio::test(flavor = "multi_thread")]
 async fn fault_matrix_rate_limit_redirect_oversize_and_bad_expiry() {
-    let ledger = Ledger::default();
     let cfg =
         IdpConfig { lifetime: Duration::from_secs(30), client_secret: "cs-MATRIX-77".into(), ..IdpConfig::default() };
-    let idp = Idp::start(cfg, ledger.clone()).await.unwrap();
-    let upstream = Upstream::start(Some(ledger.clone())).await.unwrap();
+    let (idp, upstream, ledger) = oauth2_doubles(cfg).await;
     let text = oauth2_config(&idp, &upstream, "", "")
         .replace("client_secret = \"456789\"", "client_secret = \"cs-MATRIX-77\"");
     let tg = Tollgate::start(&text);

@@ -12,9 +12,7 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn setup(admin_token: Option<&str>) -> (Idp, Upstream, Ledger, Tollgate) {
-    let ledger = Ledger::default();
-    let idp = Idp::start(IdpConfig::default(), ledger.clone()).await.unwrap();
-    let upstream = Upstream::start(Some(ledger.clone())).await.unwrap();
+    let (idp, upstream, ledger) = oauth2_doubles(IdpConfig::default()).await;
     let mut cfg = oauth2_config(&idp, &upstream, "", "");
     if let Some(t) = admin_token {
         cfg = cfg.replace("listen = \"{ADMIN}\"", &format!("listen = \"{{ADMIN}}\"\ntoken = \"{t}\""));

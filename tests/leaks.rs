@@ -9,7 +9,6 @@ use support::*;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn no_secret_or_token_in_logs_metrics_or_admin() {
-    let ledger = Ledger::default();
     let cfg = IdpConfig {
         client_secret: "cs-LEAKCHECK-91a7".into(),
         username: Some("user@example.com".into()),
@@ -18,8 +17,7 @@ async fn no_secret_or_token_in_logs_metrics_or_admin() {
         token_prefix: "tokLEAK".into(),
         ..IdpConfig::default()
     };
-    let idp = Idp::start(cfg, ledger.clone()).await.unwrap();
-    let upstream = Upstream::start(Some(ledger.clone())).await.unwrap();
+    let (idp, upstream, ledger) = oauth2_doubles(cfg).await;
     let extra = "grant = \"password\"\nusername = \"user@example.com\"\npassword = { env = \"TG_PW\" }";
     let text = oauth2_config(&idp, &upstream, extra, "access_log = true")
         .replace("client_secret = \"456789\"", "client_secret = \"cs-LEAKCHECK-91a7\"")

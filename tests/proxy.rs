@@ -7,9 +7,7 @@ use std::time::{Duration, Instant};
 use support::*;
 
 async fn setup(extra_provider: &str, extra_proxy: &str, cfg: IdpConfig) -> (Idp, Upstream, Ledger, Tollgate) {
-    let ledger = Ledger::default();
-    let idp = Idp::start(cfg, ledger.clone()).await.unwrap();
-    let upstream = Upstream::start(Some(ledger.clone())).await.unwrap();
+    let (idp, upstream, ledger) = oauth2_doubles(cfg).await;
     let tg = Tollgate::start(&oauth2_config(&idp, &upstream, extra_provider, extra_proxy));
     (idp, upstream, ledger, tg)
 }
@@ -114,10 +112,8 @@ async fn short_lived_tokens_are_replaced_before_expiry_under_traffic() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cold_start_with_500_concurrent_requests_makes_one_token_request() {
-    let ledger = Ledger::default();
-    let idp = Idp::start(IdpConfig::default(), ledger.clone()).await.unwrap();
+    let (idp, upstream, _ledger) = oauth2_doubles(IdpConfig::default()).await;
     idp.set_delay(Duration::from_millis(700)); // under the provider timeout of 1 s
-    let upstream = Upstream::start(Some(ledger.clone())).await.unwrap();
     let tg = Tollgate::start(&oauth2_config(&idp, &upstream, "", "token_wait = \"10s\""));
     tg.wait_healthy().await;
     let ready = client().get(tg.admin_url("/readyz")).send().await.unwrap();

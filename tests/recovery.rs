@@ -8,9 +8,7 @@ use std::time::{Duration, Instant};
 use support::*;
 
 async fn setup(extra_provider: &str, route_extra: &str) -> (Idp, Upstream, Ledger, Tollgate) {
-    let ledger = Ledger::default();
-    let idp = Idp::start(IdpConfig::default(), ledger.clone()).await.unwrap();
-    let upstream = Upstream::start(Some(ledger.clone())).await.unwrap();
+    let (idp, upstream, ledger) = oauth2_doubles(IdpConfig::default()).await;
     let mut cfg = oauth2_config(&idp, &upstream, extra_provider, "");
     cfg.push_str(route_extra);
     let tg = Tollgate::start(&cfg);

@@ -51,9 +51,7 @@ async fn secret_rotated_by_a_kubernetes_style_symlink_swap_is_picked_up_under_tr
     std::os::unix::fs::symlink("..2026_a", d.join("..data")).unwrap();
     std::os::unix::fs::symlink("..data/client-secret", d.join("client-secret")).unwrap();
 
-    let ledger = Ledger::default();
-    let idp = Idp::start(IdpConfig::default(), ledger.clone()).await.unwrap();
-    let upstream = Upstream::start(Some(ledger)).await.unwrap();
+    let (idp, upstream, _ledger) = oauth2_doubles(IdpConfig::default()).await;
     let text = oauth2_config(&idp, &upstream, "", "").replace(
         "client_secret = \"456789\"",
         &format!("client_secret = {{ file = \"{}\" }}", d.join("client-secret").display()),
@@ -99,9 +97,7 @@ async fn secret_rotated_by_a_kubernetes_style_symlink_swap_is_picked_up_under_tr
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_bad_config_is_rejected_and_the_old_one_keeps_serving_until_fixed() {
-    let ledger = Ledger::default();
-    let idp = Idp::start(IdpConfig::default(), ledger.clone()).await.unwrap();
-    let upstream = Upstream::start(Some(ledger.clone())).await.unwrap();
+    let (idp, upstream, ledger) = oauth2_doubles(IdpConfig::default()).await;
     let second = Upstream::start(Some(ledger)).await.unwrap();
     let tg = Tollgate::start(&oauth2_config(&idp, &upstream, "", ""));
     tg.wait_ready().await;
@@ -142,9 +138,7 @@ async fn a_bad_config_is_rejected_and_the_old_one_keeps_serving_until_fixed() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sighup_reloads_routes_and_keeps_the_token() {
-    let ledger = Ledger::default();
-    let idp = Idp::start(IdpConfig::default(), ledger.clone()).await.unwrap();
-    let upstream = Upstream::start(Some(ledger)).await.unwrap();
+    let (idp, upstream, _ledger) = oauth2_doubles(IdpConfig::default()).await;
     let text = oauth2_config(&idp, &upstream, "", "")
         .replace("provider = \"backend\"\n", "provider = \"backend\"\nset_headers = { \"X-Tenant\" = \"one\" }\n");
     let tg = Tollgate::start(&text);
@@ -190,9 +184,7 @@ async fn sighup_reloads_routes_and_keeps_the_token() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_provider_removed_by_a_reload_leaves_no_metric_series_behind() {
-    let ledger = Ledger::default();
-    let idp = Idp::start(IdpConfig::default(), ledger.clone()).await.unwrap();
-    let upstream = Upstream::start(Some(ledger.clone())).await.unwrap();
+    let (idp, upstream, _ledger) = oauth2_doubles(IdpConfig::default()).await;
     let base = oauth2_config(&idp, &upstream, "", "");
     let extra = format!(
         "{base}\n[providers.extra]\nkind = \"oauth2\"\ntoken_url = \"{}\"\nclient_id = \"abc123\"\nclient_secret = \"456789\"\n\n[[routes]]\nname = \"extra\"\npath_prefix = \"/extra\"\nupstream = \"{}\"\nprovider = \"extra\"\n",

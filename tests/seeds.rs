@@ -256,15 +256,13 @@ upstream_headers = {{ "Et-App-Key" = "{{app_key}}" }}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn oauth2_json_otp_as_password_then_refresh_token_grant() {
-    let ledger = Ledger::default();
     let cfg = IdpConfig {
         username: Some("someone@example.com".into()),
         password: None,
         lifetime: Duration::from_secs(2),
         ..IdpConfig::default()
     };
-    let idp = Idp::start(cfg, ledger.clone()).await.unwrap();
-    let upstream = Upstream::start(Some(ledger.clone())).await.unwrap();
+    let (idp, upstream, _ledger) = oauth2_doubles(cfg).await;
     let provider = format!(
         r#"
 [providers.p]

@@ -10,12 +10,9 @@ use tollgate::store::{FileStore, TokenStore};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_at_random_moments_never_leaves_a_torn_store() {
-    let ledger = Ledger::default();
     // 1 s tokens: the refresher rewrites the store about twice a second.
-    let idp = Idp::start(IdpConfig { lifetime: Duration::from_secs(1), ..IdpConfig::default() }, ledger.clone())
-        .await
-        .unwrap();
-    let upstream = Upstream::start(Some(ledger.clone())).await.unwrap();
+    let (idp, upstream, _ledger) =
+        oauth2_doubles(IdpConfig { lifetime: Duration::from_secs(1), ..IdpConfig::default() }).await;
     let mut cfg = oauth2_config(&idp, &upstream, "expiry_margin = \"100ms\"", "");
     cfg.push_str("\n[store]\nkind = \"file\"\npath = \"{DIR}/tokens.json\"\n");
     let mut tg = Tollgate::start(&cfg);

@@ -203,6 +203,15 @@ pub fn run_cli(args: &[&str], cwd: &Path) -> std::process::Output {
     Command::new(BIN).args(args).current_dir(cwd).env("NO_COLOR", "1").output().expect("run tollgate")
 }
 
+/// An OAuth2 token-endpoint double and an upstream double that accepts only the tokens
+/// that endpoint issued (through their shared ledger).
+pub async fn oauth2_doubles(cfg: IdpConfig) -> (Idp, Upstream, Ledger) {
+    let ledger = Ledger::default();
+    let idp = Idp::start(cfg, ledger.clone()).await.expect("start the token-endpoint double");
+    let upstream = Upstream::start(Some(ledger.clone())).await.expect("start the upstream double");
+    (idp, upstream, ledger)
+}
+
 /// The usual provider + route config for an OAuth2 double.
 pub fn oauth2_config(idp: &Idp, upstream: &Upstream, extra_provider: &str, extra_proxy: &str) -> String {
     format!(
