@@ -1,5 +1,5 @@
-//! The running configuration: routes, providers and their refresher tasks, swapped as a
-//! whole through `ArcSwap` so that a reload never exposes a half-applied config.
+//! The running configuration: routes, providers and their drivers, swapped as a whole
+//! through `ArcSwap` so that a reload never exposes a half-applied config.
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -12,23 +12,46 @@ use pingora::upstreams::peer::HttpPeer;
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, watch};
 
-use crate::config::{ProviderSpec, RouteSpec, Settings};
+use tracing::warn;
+
+use crate::config::{ProviderSpec, RouteSpec, Settings, StoreSettings};
+use crate::provider::TokenSource;
 use crate::proxy::router::{RouteEntry, Router};
 use crate::store::TokenStore;
-use crate::token::refresher::{Command, Refresher};
+use crate::token::driver::{Channels, Command, Driver, Reconfig};
 use crate::token::TokenCell;
 
-/// A provider with its running refresher. Dropping the last handle stops the refresher
-/// (its shutdown sender goes away), which is how a reload retires a changed provider.
+/// A provider with its running driver. Handles are shared between configurations: a
+/// reload that keeps a provider's identity hands the same cell and driver to the new
+/// configuration (with new settings applied in place).
 pub struct ProviderHandle {
     pub spec: ProviderSpec,
-    /// The header prefix its tokens are built with (from its routes): part of what a
-    /// reload compares, since it is baked into every token's header.
+    /// The header prefix its tokens are built with (from its routes).
     pub prefix: String,
     pub cell: Arc<TokenCell>,
-    /// Login steps are run by the refresher, which owns all talk with the IdP.
+    /// Login steps are run by the driver, which owns all talk with the IdP.
     pub commands: mpsc::Sender<Command>,
-    _stop: watch::Sender<bool>,
+    runner: Arc<Runner>,
+}
+
+/// The running driver's controls. Dropping the last reference retires it.
+struct Runner {
+    stop: watch::Sender<bool>,
+    stopped: watch::Receiver<bool>,
+    reconfig: mpsc::UnboundedSender<Reconfig>,
+}
+
+impl Runner {
+    fn retire(&self) -> watch::Receiver<bool> {
+        let _ = self.stop.send(true);
+        self.stopped.clone()
+    }
+}
+
+impl Drop for Runner {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
 }
 
 /// One consistent view of the configuration.
@@ -51,20 +74,77 @@ pub struct Gateway {
     active: ArcSwap<Active>,
     handle: Handle,
     store: Arc<dyn TokenStore>,
+    /// The settings fixed at start (listen addresses, threads, store, …): a reload keeps
+    /// these running values whatever the file now says.
+    boot: Boot,
     inflight: AtomicUsize,
     /// SIGHUP and the file watcher may reload at once; one at a time, so that no build
-    /// starts refreshers that a concurrent build then discards.
+    /// starts drivers that a concurrent build then discards.
     reloading: std::sync::Mutex<()>,
 }
 
+/// Settings a running process cannot change: they take a restart.
+#[derive(Debug, Clone, PartialEq)]
+struct Boot {
+    proxy_listen: std::net::SocketAddr,
+    threads: usize,
+    shutdown_timeout: std::time::Duration,
+    keepalive_pool: usize,
+    admin_listen: std::net::SocketAddr,
+    store: StoreSettings,
+}
+
+impl Boot {
+    fn of(s: &Settings) -> Self {
+        Boot {
+            proxy_listen: s.proxy.listen,
+            threads: s.proxy.threads,
+            shutdown_timeout: s.proxy.shutdown_timeout,
+            keepalive_pool: s.proxy.upstream_keepalive_pool_size,
+            admin_listen: s.admin.listen,
+            store: s.store.clone(),
+        }
+    }
+
+    /// The keys of `next` that differ from the running values.
+    fn changed(&self, next: &Boot) -> Vec<&'static str> {
+        let mut keys = Vec::new();
+        let mut check = |differs: bool, key: &'static str| {
+            if differs {
+                keys.push(key);
+            }
+        };
+        check(self.proxy_listen != next.proxy_listen, "proxy.listen");
+        check(self.threads != next.threads, "proxy.threads");
+        check(self.shutdown_timeout != next.shutdown_timeout, "proxy.shutdown_timeout");
+        check(self.keepalive_pool != next.keepalive_pool, "proxy.upstream_keepalive_pool_size");
+        check(self.admin_listen != next.admin_listen, "admin.listen");
+        check(self.store != next.store, "store");
+        keys
+    }
+
+    /// Put the running values back into `s`.
+    fn restore_into(&self, s: &mut Settings) {
+        s.proxy.listen = self.proxy_listen;
+        s.proxy.threads = self.threads;
+        s.proxy.shutdown_timeout = self.shutdown_timeout;
+        s.proxy.upstream_keepalive_pool_size = self.keepalive_pool;
+        s.admin.listen = self.admin_listen;
+        s.store = self.store.clone();
+    }
+}
+
 impl Gateway {
-    /// Build and start refreshers on `handle` (the control runtime).
+    /// Build and start drivers on `handle` (the control runtime).
     pub fn start(settings: Settings, handle: Handle, store: Arc<dyn TokenStore>) -> Result<Arc<Self>, BuildError> {
-        let active = build(Arc::new(settings), &BTreeMap::new(), &handle, &store)?;
+        let boot = Boot::of(&settings);
+        let plan = plan(Arc::new(settings), &BTreeMap::new())?;
+        let active = plan.commit(&handle, &store);
         Ok(Arc::new(Gateway {
             active: ArcSwap::from_pointee(active),
             handle,
             store,
+            boot,
             inflight: AtomicUsize::new(0),
             reloading: std::sync::Mutex::new(()),
         }))
@@ -79,16 +159,36 @@ impl Gateway {
         self.active.load_full()
     }
 
-    /// Swap in a new configuration. Providers whose spec (secrets included) is unchanged
-    /// keep their cell, token and refresher; the others start afresh.
-    pub fn reload(&self, settings: Settings) -> Result<ReloadSummary, BuildError> {
+    /// Swap in a new configuration. A provider keeps its cell, token and driver as long
+    /// as its identity (what decides which token it gets) is the same; other changes
+    /// (timing, HTTP settings, secrets, header rendering) are applied to it in place. A
+    /// provider with a new identity gets a new cell, and its driver starts only after
+    /// every driver retired by this reload has stopped.
+    pub fn reload(&self, mut settings: Settings) -> Result<ReloadSummary, BuildError> {
         let _one_at_a_time = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
         let old = self.active.load_full();
-        let next = build(Arc::new(settings), &old.providers, &self.handle, &self.store)?;
-        let kept =
-            next.providers.iter().filter(|(n, h)| old.providers.get(*n).is_some_and(|o| Arc::ptr_eq(o, h))).count();
-        let summary = ReloadSummary { providers: next.providers.len(), kept, routes: next.router.entries().len() };
-        let removed: Vec<String> = old.providers.keys().filter(|n| !next.providers.contains_key(*n)).cloned().collect();
+        let restart_required = self.boot.changed(&Boot::of(&settings));
+        for key in &restart_required {
+            warn!(key, "this setting changed but takes effect only after a restart; keeping the running value");
+        }
+        self.boot.restore_into(&mut settings);
+        // Whether the admin API demands a token follows the address it is bound to: a
+        // reload may rotate the token of a non-loopback listener but never remove it.
+        if !self.boot.admin_listen.ip().is_loopback() && settings.admin.token.is_none() {
+            warn!(listen = %self.boot.admin_listen, "the new config has no `admin.token`, but the admin API is bound to a non-loopback address; keeping the current token");
+            settings.admin.token = old.settings.admin.token.clone();
+        }
+        let plan = plan(Arc::new(settings), &old.providers)?;
+        let summary = ReloadSummary {
+            providers: plan.settings.providers.len(),
+            kept: plan.kept.len(),
+            updated: plan.updated.len(),
+            routes: plan.settings.routes.len(),
+            restart_required,
+        };
+        let removed: Vec<String> =
+            old.providers.keys().filter(|n| !plan.settings.providers.iter().any(|p| &p.name == *n)).cloned().collect();
+        let next = plan.commit_replacing(&old.providers, &self.handle, &self.store);
         self.active.store(Arc::new(next));
         for name in removed {
             crate::metrics::get().forget_provider(&name);
@@ -106,11 +206,16 @@ impl Gateway {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ReloadSummary {
     pub providers: usize,
+    /// Providers kept exactly as they were.
     pub kept: usize,
+    /// Providers kept with new settings applied in place (token kept).
+    pub updated: usize,
     pub routes: usize,
+    /// Boot settings the new config changed; they keep their running values.
+    pub restart_required: Vec<&'static str>,
 }
 
 /// Counts a request as in flight until dropped (graceful drain waits for zero).
@@ -122,51 +227,105 @@ impl Drop for InflightGuard {
     }
 }
 
-fn build(
+/// A validated configuration, with everything that can fail already done (peers, token
+/// sources), and nothing started yet.
+struct Plan {
     settings: Arc<Settings>,
-    previous: &BTreeMap<String, Arc<ProviderHandle>>,
-    handle: &Handle,
-    store: &Arc<dyn TokenStore>,
-) -> Result<Active, BuildError> {
-    // Everything that can fail comes first (peers, DNS, token sources); refreshers start
-    // only once the whole configuration is known to be good.
+    peers: Vec<HttpPeer>,
+    kept: Vec<(String, Arc<ProviderHandle>)>,
+    updated: Vec<Update>,
+    fresh: Vec<(ProviderSpec, String, Arc<dyn TokenSource>)>,
+}
+
+/// A running provider whose identity is unchanged, with its new settings.
+struct Update {
+    spec: ProviderSpec,
+    prefix: String,
+    source: Arc<dyn TokenSource>,
+    old: Arc<ProviderHandle>,
+}
+
+fn plan(settings: Arc<Settings>, previous: &BTreeMap<String, Arc<ProviderHandle>>) -> Result<Plan, BuildError> {
     let peers = settings.routes.iter().map(|r| peer_for(r, &settings)).collect::<Result<Vec<_>, _>>()?;
-    let mut prepared = Vec::new();
-    let mut providers = BTreeMap::new();
+    let (mut kept, mut updated, mut fresh) = (Vec::new(), Vec::new(), Vec::new());
     for spec in &settings.providers {
         let prefix = header_prefix(&settings, spec);
-        match previous.get(&spec.name).filter(|h| h.spec == *spec && h.prefix == prefix) {
+        match previous.get(&spec.name).filter(|h| h.spec.fingerprint == spec.fingerprint) {
+            Some(h) if h.spec == *spec && h.prefix == prefix => kept.push((spec.name.clone(), Arc::clone(h))),
             Some(h) => {
-                providers.insert(spec.name.clone(), Arc::clone(h));
+                updated.push(Update { spec: spec.clone(), prefix, source: source_for(spec)?, old: Arc::clone(h) })
             }
-            None => {
-                let source =
-                    crate::provider::build(spec).map_err(|e| BuildError::Provider(spec.name.clone(), e.detail))?;
-                prepared.push((spec, prefix, source));
-            }
+            None => fresh.push((spec.clone(), prefix, source_for(spec)?)),
         }
     }
-    for (spec, prefix, source) in prepared {
-        providers.insert(spec.name.clone(), Arc::new(start_provider(spec, prefix, source, handle, store)));
+    Ok(Plan { settings, peers, kept, updated, fresh })
+}
+
+fn source_for(spec: &ProviderSpec) -> Result<Arc<dyn TokenSource>, BuildError> {
+    crate::provider::build(spec).map_err(|e| BuildError::Provider(spec.name.clone(), e.detail))
+}
+
+impl Plan {
+    fn commit(self, handle: &Handle, store: &Arc<dyn TokenStore>) -> Active {
+        self.commit_replacing(&BTreeMap::new(), handle, store)
     }
-    let mut entries = Vec::new();
-    for (r, peer) in settings.routes.iter().zip(peers) {
-        let cell = r.provider.as_ref().and_then(|p| providers.get(p)).map(|h| Arc::clone(&h.cell));
-        let reauth_min_interval = r
-            .provider
-            .as_ref()
-            .and_then(|p| settings.provider(p))
-            .map(|p| p.timing.reauth_min_interval)
-            .unwrap_or_default();
-        entries.push(RouteEntry {
-            peer,
-            metrics: crate::metrics::RouteMetrics::new(&r.name),
-            spec: r.clone(),
-            cell,
-            reauth_min_interval,
-        });
+
+    /// Start what is new, update what is kept, retire what is gone; then the new view.
+    fn commit_replacing(
+        self,
+        previous: &BTreeMap<String, Arc<ProviderHandle>>,
+        handle: &Handle,
+        store: &Arc<dyn TokenStore>,
+    ) -> Active {
+        let mut providers: BTreeMap<String, Arc<ProviderHandle>> = self.kept.into_iter().collect();
+        for Update { spec, prefix, source, old } in self.updated {
+            let credentials_changed = old.spec.source != spec.source;
+            let _ = old.runner.reconfig.send(Reconfig {
+                spec: spec.clone(),
+                prefix: prefix.clone(),
+                source,
+                credentials_changed,
+            });
+            let h = ProviderHandle {
+                spec,
+                prefix,
+                cell: Arc::clone(&old.cell),
+                commands: old.commands.clone(),
+                runner: Arc::clone(&old.runner),
+            };
+            providers.insert(h.spec.name.clone(), Arc::new(h));
+        }
+        // Retire every driver the new view does not carry on, before any new one starts.
+        let retired: Vec<watch::Receiver<bool>> = previous
+            .values()
+            .filter(|h| !providers.values().any(|n| Arc::ptr_eq(&n.runner, &h.runner)))
+            .map(|h| h.runner.retire())
+            .collect();
+        for (spec, prefix, source) in self.fresh {
+            let h = start_provider(&spec, prefix, source, handle, store, retired.clone());
+            providers.insert(spec.name.clone(), Arc::new(h));
+        }
+        store.set_live(providers.values().map(|h| h.spec.fingerprint.clone()).collect());
+        let settings = self.settings;
+        let mut entries = Vec::new();
+        for (r, peer) in settings.routes.iter().zip(self.peers) {
+            let cell = r.provider.as_ref().and_then(|p| providers.get(p)).map(|h| Arc::clone(&h.cell));
+            let reauth_min_interval = r
+                .provider
+                .as_ref()
+                .and_then(|p| settings.provider(p))
+                .map(|p| p.timing.reauth_min_interval)
+                .unwrap_or_default();
+            entries.push(RouteEntry {
+                peer,
+                metrics: crate::metrics::RouteMetrics::new(&r.name),
+                spec: r.clone(),
+                cell,
+                reauth_min_interval,
+            });
+        }
+        Active { router: Router::new(entries), providers, settings }
     }
-    Ok(Active { router: Router::new(entries), providers, settings })
 }
 
 /// The header prefix a provider's tokens are rendered with. Routes name the header; the
@@ -183,24 +342,21 @@ fn header_prefix(settings: &Settings, spec: &ProviderSpec) -> String {
 fn start_provider(
     spec: &ProviderSpec,
     prefix: String,
-    source: Arc<dyn crate::provider::TokenSource>,
+    source: Arc<dyn TokenSource>,
     handle: &Handle,
     store: &Arc<dyn TokenStore>,
+    predecessors: Vec<watch::Receiver<bool>>,
 ) -> ProviderHandle {
     let cell = TokenCell::new(spec.name.clone());
-    let (stop, stop_rx) = watch::channel(false);
+    let (stop, shutdown) = watch::channel(false);
+    let (stopped_tx, stopped) = watch::channel(false);
     let (commands, commands_rx) = mpsc::channel(8);
-    let refresher = Refresher {
-        cell: Arc::clone(&cell),
-        source,
-        timing: spec.timing.clone(),
-        header_prefix: prefix.clone(),
-        upstream_headers: spec.upstream_headers.clone(),
-        store: Arc::clone(store),
-        fingerprint: spec.fingerprint.clone(),
-    };
-    handle.spawn(refresher.run(stop_rx, commands_rx));
-    ProviderHandle { spec: spec.clone(), prefix, cell, commands, _stop: stop }
+    let (reconfig, reconfig_rx) = mpsc::unbounded_channel();
+    let driver = Driver::new(spec, prefix.clone(), Arc::clone(&cell), source, Arc::clone(store));
+    let channels =
+        Channels { shutdown, commands: commands_rx, reconfig: reconfig_rx, predecessors, stopped: stopped_tx };
+    handle.spawn(driver.run(channels));
+    ProviderHandle { spec: spec.clone(), prefix, cell, commands, runner: Arc::new(Runner { stop, stopped, reconfig }) }
 }
 
 /// Resolve the upstream's host now, at start or reload, so that the request path never

@@ -20,6 +20,7 @@ pub struct Metrics {
     pub upstream_duration: HistogramVec,
     pub config_reload_total: IntCounterVec,
     pub upstream_auth_rejected_total: IntCounterVec,
+    pub store_errors_total: IntCounterVec,
     pub build_info: IntGaugeVec,
 }
 
@@ -113,12 +114,17 @@ impl Metrics {
                 "Upstream responses rejecting the injected token (401), by route.",
                 &["route"],
             ),
+            store_errors_total: counter(
+                "tollgate_store_errors_total",
+                "Token store operations that failed (the token keeps being served from memory), by operation.",
+                &["provider", "operation"],
+            ),
             build_info: igauge("tollgate_build_info", "Build information; always 1.", &["version"]),
             registry,
         };
         m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         // Both outcomes exist from start-up, so an alert on `rejected` works before the first reload.
-        for outcome in ["success", "rejected"] {
+        for outcome in ["success", "rejected", "restart_required"] {
             m.config_reload_total.with_label_values(&[outcome]);
         }
         m
@@ -135,6 +141,9 @@ impl Metrics {
         self.token_fetch_consecutive_failures.with_label_values(&[provider]).set(0);
         self.provider_awaiting_code.with_label_values(&[provider]).set(0);
         self.token_unavailable_total.with_label_values(&[provider]);
+        for op in STORE_OPERATIONS {
+            self.store_errors_total.with_label_values(&[provider, op]);
+        }
     }
 
     /// Drop every series of a provider that a reload removed, so dashboards and alerts do
@@ -150,6 +159,9 @@ impl Metrics {
         let _ = self.token_fetch_consecutive_failures.remove_label_values(&[provider]);
         let _ = self.provider_awaiting_code.remove_label_values(&[provider]);
         let _ = self.token_unavailable_total.remove_label_values(&[provider]);
+        for op in STORE_OPERATIONS {
+            let _ = self.store_errors_total.remove_label_values(&[provider, op]);
+        }
     }
 
     /// The text exposition.
@@ -160,6 +172,9 @@ impl Metrics {
         buf
     }
 }
+
+/// The `operation` label values of `tollgate_store_errors_total`.
+pub const STORE_OPERATIONS: [&str; 3] = ["load", "save", "remove"];
 
 /// The exposition's content type.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";

@@ -1,6 +1,6 @@
-//! Reload on change: watches the config file and every secret file and reloads the
-//! configuration (through [`crate::server::reload`], exactly as SIGHUP does) when their
-//! content changes.
+//! Reloading: [`reload_file`] loads, validates and swaps in a config file (SIGHUP calls
+//! it), and [`watch`] calls it when the content of the config file or a secret file
+//! changes.
 //!
 //! The *directories* holding those files are watched, not the files: Kubernetes updates a
 //! mounted ConfigMap or Secret by writing a new hidden directory and renaming a `..data`
@@ -97,7 +97,7 @@ pub async fn watch(gateway: Arc<Gateway>, config_path: PathBuf) {
                 let (gw, path) = (Arc::clone(&gateway), config_path.clone());
                 // Loading reads files and resolves upstream hosts: keep it off the runtime's
                 // worker threads, which also serve the refreshers and the admin API.
-                if let Err(e) = tokio::task::spawn_blocking(move || crate::server::reload(&gw, &path)).await {
+                if let Err(e) = tokio::task::spawn_blocking(move || reload_file(&gw, &path)).await {
                     warn!(error = %e, "configuration reload task failed");
                 }
             }
@@ -114,6 +114,42 @@ pub async fn watch(gateway: Arc<Gateway>, config_path: PathBuf) {
                 info!(dirs = ?dirs, "watched files updated after reload");
                 last = fingerprint_blocking(files.clone()).await;
             }
+        }
+    }
+}
+
+/// Load, validate and swap; count and log the outcome. A bad config is rejected and the
+/// old one keeps serving; a config that changes settings fixed at start applies the rest
+/// and says which keys need a restart.
+pub fn reload_file(gateway: &Gateway, path: &Path) {
+    let m = crate::metrics::get();
+    let result =
+        crate::config::load(path).map_err(|e| e.to_string()).and_then(|s| gateway.reload(s).map_err(|e| e.to_string()));
+    match result {
+        Ok(s) if !s.restart_required.is_empty() => {
+            m.config_reload_total.with_label_values(&["restart_required"]).inc();
+            warn!(
+                providers = s.providers,
+                kept = s.kept,
+                updated = s.updated,
+                routes = s.routes,
+                restart_required = ?s.restart_required,
+                "configuration reloaded, except settings that need a restart"
+            );
+        }
+        Ok(s) => {
+            m.config_reload_total.with_label_values(&["success"]).inc();
+            info!(
+                providers = s.providers,
+                kept = s.kept,
+                updated = s.updated,
+                routes = s.routes,
+                "configuration reloaded"
+            );
+        }
+        Err(e) => {
+            m.config_reload_total.with_label_values(&["rejected"]).inc();
+            tracing::error!(error = %e, "configuration reload rejected; the previous configuration keeps serving");
         }
     }
 }

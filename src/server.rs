@@ -11,7 +11,7 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::{ExecutionPhase, Server};
 use tracing::{error, info, warn};
 
-use crate::config::{self, Settings};
+use crate::config::Settings;
 use crate::gateway::Gateway;
 use crate::proxy::TollgateProxy;
 use crate::{admin, metrics};
@@ -150,26 +150,9 @@ async fn reload_on_sighup(gateway: Arc<Gateway>, path: Option<PathBuf>) {
             // Loading reads files and resolves DNS: keep it off the runtime's two workers.
             Some(p) => {
                 let (gw, p) = (Arc::clone(&gateway), p.clone());
-                let _ = tokio::task::spawn_blocking(move || reload(&gw, &p)).await;
+                let _ = tokio::task::spawn_blocking(move || crate::reload::reload_file(&gw, &p)).await;
             }
             None => info!("SIGHUP ignored: the configuration is embedded"),
-        }
-    }
-}
-
-/// Load, validate and swap; count and log the outcome.
-pub fn reload(gateway: &Gateway, path: &std::path::Path) {
-    let m = metrics::get();
-    let result =
-        config::load(path).map_err(|e| e.to_string()).and_then(|s| gateway.reload(s).map_err(|e| e.to_string()));
-    match result {
-        Ok(s) => {
-            m.config_reload_total.with_label_values(&["success"]).inc();
-            info!(providers = s.providers, kept = s.kept, routes = s.routes, "configuration reloaded");
-        }
-        Err(e) => {
-            m.config_reload_total.with_label_values(&["rejected"]).inc();
-            error!(error = %e, "configuration reload rejected; the previous configuration keeps serving");
         }
     }
 }

@@ -16,7 +16,7 @@ use super::error;
 use crate::config::Secret;
 use crate::gateway::{Gateway, ProviderHandle};
 use crate::provider::FetchError;
-use crate::token::refresher::Command;
+use crate::token::driver::Command;
 
 fn ts(t: Option<SystemTime>) -> Value {
     match t {
@@ -42,6 +42,13 @@ pub(crate) fn describe(h: &ProviderHandle) -> Value {
         "name": h.spec.name,
         "kind": h.spec.kind.as_str(),
         "state": h.cell.state().as_str(),
+        "phase": st.phase.as_str(),
+        "pending_login": st.pending_login,
+        "token_source": st.origin.map(|o| o.as_str()),
+        "store": {
+            "errors": st.store_errors,
+            "last_error": st.last_store_error,
+        },
         "token": token,
         "last_success": ts(st.last_success),
         "last_attempt": ts(st.last_attempt),

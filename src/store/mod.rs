@@ -62,26 +62,43 @@ pub enum StoreError {
     Foreign { path: PathBuf, reason: String },
 }
 
+/// Per-entry version for compare-and-swap. 0 means "no entry".
+pub type Version = u64;
+
+pub struct Loaded {
+    pub token: StoredToken,
+    pub version: Version,
+}
+
+pub enum Saved {
+    Written(Version),
+    Conflict(Option<Loaded>),
+}
+
+#[async_trait::async_trait]
 pub trait TokenStore: Send + Sync {
-    fn load(&self, provider: &str) -> Option<StoredToken>;
-    fn save(&self, provider: &str, token: StoredToken) -> Result<(), StoreError>;
-    fn remove(&self, provider: &str) -> Result<(), StoreError>;
+    async fn load(&self, key: &str) -> Result<Option<Loaded>, StoreError>;
+    async fn save(&self, key: &str, token: &StoredToken, expected: Version) -> Result<Saved, StoreError>;
+    async fn remove(&self, key: &str, expected: Version) -> Result<bool, StoreError>;
+    fn set_live(&self, keys: std::collections::BTreeSet<String>);
     fn describe(&self) -> String;
 }
 
-/// Tokens live only as long as the process.
+/// TEMPORARY (replaced by the store branch).
 pub struct MemoryStore;
 
+#[async_trait::async_trait]
 impl TokenStore for MemoryStore {
-    fn load(&self, _: &str) -> Option<StoredToken> {
-        None
+    async fn load(&self, _: &str) -> Result<Option<Loaded>, StoreError> {
+        Ok(None)
     }
-    fn save(&self, _: &str, _: StoredToken) -> Result<(), StoreError> {
-        Ok(())
+    async fn save(&self, _: &str, _: &StoredToken, e: Version) -> Result<Saved, StoreError> {
+        Ok(Saved::Written(e + 1))
     }
-    fn remove(&self, _: &str) -> Result<(), StoreError> {
-        Ok(())
+    async fn remove(&self, _: &str, _: Version) -> Result<bool, StoreError> {
+        Ok(true)
     }
+    fn set_live(&self, _: std::collections::BTreeSet<String>) {}
     fn describe(&self) -> String {
         "memory".into()
     }

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant, SystemTime};
 use arc_swap::ArcSwapOption;
 use tokio::sync::{watch, Notify};
 
+use super::driver::Origin;
+use super::machine::Phase;
 use super::ActiveToken;
 use crate::provider::ErrorClass;
 
@@ -53,6 +55,15 @@ pub struct Attempt {
 /// Bookkeeping for the admin API and metrics; never read on the request path.
 #[derive(Debug, Clone, Default)]
 pub struct Status {
+    /// The provider's phase as its state machine sees it.
+    pub phase: Phase,
+    /// A login was started and its code is awaited.
+    pub pending_login: bool,
+    /// Where the published token came from.
+    pub origin: Option<Origin>,
+    /// Failed store operations since start (the token is still served from memory).
+    pub store_errors: u64,
+    pub last_store_error: Option<String>,
     pub last_success: Option<SystemTime>,
     pub last_attempt: Option<SystemTime>,
     pub last_error: Option<ErrorClass>,
@@ -79,6 +90,8 @@ pub struct TokenCell {
     current: ArcSwapOption<ActiveToken>,
     wake: Notify,
     force: AtomicBool,
+    /// Generation of the token the upstream rejected last (0: none pending), for the driver.
+    rejected: AtomicU64,
     attempts: watch::Sender<Attempt>,
     generation: AtomicU64,
     status: Mutex<Status>,
@@ -95,6 +108,7 @@ impl TokenCell {
             current: ArcSwapOption::empty(),
             wake: Notify::new(),
             force: AtomicBool::new(false),
+            rejected: AtomicU64::new(0),
             attempts,
             generation: AtomicU64::new(0),
             status: Mutex::new(Status::default()),
@@ -180,6 +194,7 @@ impl TokenCell {
         let prev = self.current.compare_and_swap(&*current, None);
         let swapped = matches!(&*prev, Some(t) if t.generation == generation);
         if swapped {
+            self.rejected.store(generation, Ordering::Release);
             self.wake.notify_one();
         } else {
             // Lost to a refresh that replaced the token meanwhile: give the slot back.
@@ -229,6 +244,13 @@ impl TokenCell {
 
     pub(crate) async fn woken(&self) {
         self.wake.notified().await
+    }
+
+    pub(crate) fn take_rejected(&self) -> Option<u64> {
+        match self.rejected.swap(0, Ordering::AcqRel) {
+            0 => None,
+            g => Some(g),
+        }
     }
 
     pub(crate) fn take_force(&self) -> bool {

@@ -1,9 +1,11 @@
-//! Tokens once obtained: the cell the request path reads, the refresher that fills it,
-//! and the pure schedule and expiry rules the refresher follows.
+//! Tokens once obtained: the cell the request path reads, the state machine that
+//! decides a provider's life and the driver that carries out its decisions, and the pure
+//! schedule and expiry rules they follow.
 
 pub mod cell;
+pub mod driver;
 pub mod expiry;
-pub mod refresher;
+pub mod machine;
 pub mod schedule;
 
 use std::collections::BTreeMap;
