@@ -680,3 +680,147 @@ fn unix_f(t: SystemTime) -> f64 {
 fn to_system(at: Instant) -> SystemTime {
     SystemTime::now() + at.saturating_duration_since(Instant::now())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+    use tokio::sync::Notify;
+
+    use super::*;
+    use crate::store::{Loaded, StoreError};
+
+    /// A token source whose requests block until the test lets them through.
+    struct Gate {
+        calls: AtomicUsize,
+        release: Notify,
+    }
+
+    #[async_trait]
+    impl TokenSource for Gate {
+        async fn acquire(&self) -> Result<TokenSet, FetchError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            self.release.notified().await;
+            Ok(TokenSet {
+                access_token: Secret::new("tok"),
+                expires_in: Some(serde_json::json!(3600)),
+                refresh_token: None,
+                scope: None,
+                extras: BTreeMap::new(),
+                vars: Vars::new(),
+            })
+        }
+    }
+
+    /// Counts writes; holds nothing.
+    #[derive(Default)]
+    struct Recorder {
+        saves: AtomicUsize,
+        entries: Mutex<BTreeMap<String, StoredToken>>,
+    }
+
+    #[async_trait]
+    impl TokenStore for Recorder {
+        async fn load(&self, key: &str) -> Result<Option<Loaded>, StoreError> {
+            let e = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            Ok(e.get(key).cloned().map(|token| Loaded { token, version: 1 }))
+        }
+        async fn save(&self, key: &str, token: &StoredToken, _: Version) -> Result<Saved, StoreError> {
+            self.saves.fetch_add(1, Ordering::SeqCst);
+            self.entries.lock().unwrap_or_else(|p| p.into_inner()).insert(key.into(), token.clone());
+            Ok(Saved::Written(1))
+        }
+        async fn remove(&self, key: &str, _: Version) -> Result<bool, StoreError> {
+            Ok(self.entries.lock().unwrap_or_else(|p| p.into_inner()).remove(key).is_some())
+        }
+        fn set_live(&self, _: BTreeSet<String>) {}
+        fn describe(&self) -> String {
+            "recorder".into()
+        }
+    }
+
+    fn spec() -> ProviderSpec {
+        let toml = r#"
+            [providers.p]
+            kind = "oauth2"
+            token_url = "http://127.0.0.1:1/token"
+            client_id = "c"
+            client_secret = "s"
+            [[routes]]
+            upstream = "http://127.0.0.1:2"
+            provider = "p"
+        "#;
+        let settings = crate::config::load_str(toml, std::path::Path::new("t.toml")).expect("valid config");
+        settings.providers[0].clone()
+    }
+
+    struct Running {
+        cell: Arc<TokenCell>,
+        stop: watch::Sender<bool>,
+        stopped: watch::Receiver<bool>,
+        _commands: mpsc::Sender<Command>,
+        _reconfig: mpsc::UnboundedSender<Reconfig>,
+    }
+
+    fn spawn(
+        source: Arc<dyn TokenSource>,
+        store: Arc<dyn TokenStore>,
+        predecessors: Vec<watch::Receiver<bool>>,
+    ) -> Running {
+        let cell = TokenCell::new("p");
+        let (stop, shutdown) = watch::channel(false);
+        let (stopped_tx, stopped) = watch::channel(false);
+        let (commands, commands_rx) = mpsc::channel(1);
+        let (reconfig, reconfig_rx) = mpsc::unbounded_channel();
+        let driver = Driver::new(&spec(), "Bearer ".into(), Arc::clone(&cell), source, store);
+        let ch = Channels { shutdown, commands: commands_rx, reconfig: reconfig_rx, predecessors, stopped: stopped_tx };
+        tokio::spawn(driver.run(ch));
+        Running { cell, stop, stopped, _commands: commands, _reconfig: reconfig }
+    }
+
+    async fn until(what: &str, mut f: impl FnMut() -> bool) {
+        for _ in 0..500 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    #[tokio::test]
+    async fn a_retired_provider_never_publishes_or_saves_its_in_flight_result() {
+        let gate = Arc::new(Gate { calls: AtomicUsize::new(0), release: Notify::new() });
+        let store = Arc::new(Recorder::default());
+        let old = spawn(gate.clone(), store.clone(), vec![]);
+        until("the first request", || gate.calls.load(Ordering::SeqCst) == 1).await;
+        // Retire while the request is in flight, then let the IdP answer.
+        let _ = old.stop.send(true);
+        let mut stopped = old.stopped.clone();
+        tokio::time::timeout(Duration::from_secs(2), stopped.wait_for(|s| *s)).await.expect("stops").ok();
+        gate.release.notify_waiters();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(old.cell.latest().is_none(), "a retired provider published");
+        assert_eq!(store.saves.load(Ordering::SeqCst), 0, "a retired provider saved");
+    }
+
+    #[tokio::test]
+    async fn a_successor_makes_no_request_before_its_predecessor_has_stopped() {
+        let gate_old = Arc::new(Gate { calls: AtomicUsize::new(0), release: Notify::new() });
+        let gate_new = Arc::new(Gate { calls: AtomicUsize::new(0), release: Notify::new() });
+        let store = Arc::new(Recorder::default());
+        let old = spawn(gate_old.clone(), store.clone(), vec![]);
+        until("the old request", || gate_old.calls.load(Ordering::SeqCst) == 1).await;
+        let new = spawn(gate_new.clone(), store.clone(), vec![old.stopped.clone()]);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(gate_new.calls.load(Ordering::SeqCst), 0, "overlapped with the predecessor");
+        let _ = old.stop.send(true);
+        until("the new request", || gate_new.calls.load(Ordering::SeqCst) == 1).await;
+        gate_new.release.notify_waiters();
+        until("the new token", || new.cell.usable().is_some()).await;
+        assert_eq!(store.saves.load(Ordering::SeqCst), 1);
+    }
+}

@@ -333,11 +333,17 @@ impl World {
             _ => Some(Duration::from_millis(self.rng.u64(1000..600_000))),
         };
         let margin = Duration::from_millis(self.rng.u64(0..3000));
+        // Sometimes the IdP hands out a token that is already dead (an `exp` in the past,
+        // a response delayed past the token's life).
+        let issued = match self.rng.u8(0..10) {
+            0 => self.now - Duration::from_millis(self.rng.u64(0..700_000)),
+            _ => self.now,
+        };
         TokenMeta {
             generation: self.generation,
             lifetime: life,
-            expires_at: life.map(|l| self.now + l),
-            usable_until: life.map(|l| self.now + l.saturating_sub(margin.min(l / 4))),
+            expires_at: life.map(|l| issued + l),
+            usable_until: life.map(|l| issued + l.saturating_sub(margin.min(l / 4))),
             refreshable: self.rng.bool(),
         }
     }
