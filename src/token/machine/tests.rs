@@ -293,6 +293,7 @@ struct World {
     /// The latest token the machine was handed (published or not).
     offered: Option<TokenMeta>,
     retired: bool,
+    refresh_held: bool,
     had_session: bool,
     fetches: u32,
 }
@@ -320,6 +321,7 @@ impl World {
             published: None,
             offered: None,
             retired: false,
+            refresh_held: false,
             had_session: false,
             fetches: 0,
         }
@@ -436,15 +438,32 @@ impl World {
                     let t = self.offered.expect("publish with nothing offered");
                     assert!(t.usable_at(self.now), "published an unusable token: {}", ctx());
                     self.published = Some(t);
+                    self.refresh_held = t.refreshable;
                     self.had_session = true;
+                }
+                Action::ForgetRefresh => {
+                    assert!(
+                        matches!(event, Event::Failed(f) if f.credential)
+                            || !self.published.is_some_and(|t| t.usable_at(self.now)),
+                        "refresh token dropped while it could still serve: {}",
+                        ctx()
+                    );
+                    self.refresh_held = false;
                 }
                 Action::Remove => {
                     // A session ends only on an explicit rejection, or once its token is
-                    // dead and only a human could renew it.
+                    // dead and nothing but a human can renew it (no refresh token, no
+                    // grant). An outage never ends it.
                     let explicit = matches!(event, Event::Rejected { .. })
                         || matches!(event, Event::Failed(f) if f.grant_rejected);
                     let dead = !self.published.is_some_and(|t| t.usable_at(self.now));
-                    assert!(explicit || (dead && !self.caps.can_acquire), "session ended without cause: {}", ctx());
+                    let unrenewable = !self.caps.can_acquire && !self.refresh_held;
+                    assert!(explicit || (dead && unrenewable), "session ended without cause: {}", ctx());
+                    assert!(
+                        !matches!(event, Event::Failed(f) if !f.grant_rejected),
+                        "an outage ended a session: {}",
+                        ctx()
+                    );
                     assert!(!self.caps.can_acquire || explicit, "a machine grant never ends a session: {}", ctx());
                 }
                 _ => {}
