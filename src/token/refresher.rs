@@ -19,7 +19,7 @@ use crate::config::{Secret, Timing};
 use crate::metrics;
 use crate::provider::template::{Template, Vars};
 use crate::provider::{ErrorClass, FetchError, TokenSet, TokenSource};
-use crate::store::{StoredToken, TokenStore};
+use crate::store::{Saved, StoredToken, TokenStore, Version};
 
 /// How far ahead "never" is scheduled: effectively until woken.
 const FAR: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -49,6 +49,8 @@ struct Memory {
     failures: u32,
     /// What the login steps before the code extracted (e.g. Etna's interim token).
     pending: Option<Vars>,
+    /// The store entry's version as last loaded or written.
+    version: Version,
 }
 
 impl Refresher {
@@ -57,7 +59,7 @@ impl Refresher {
         let name = self.cell.name().to_string();
         metrics::get().init_provider(&name);
         let mut mem = Memory::default();
-        let mut next_at = match self.restore(&mut mem) {
+        let mut next_at = match self.restore(&mut mem).await {
             Some(at) => at,
             None if self.source.can_acquire() => Instant::now(),
             None => {
@@ -119,7 +121,7 @@ impl Refresher {
                 self.report(None, next);
                 return next;
             }
-            let _ = self.store.remove(self.cell.name());
+            let _ = self.store.remove(&self.fingerprint, mem.version).await;
             self.await_code("the token is gone and only a human login can renew it");
             return Instant::now() + FAR;
         }
@@ -136,14 +138,14 @@ impl Refresher {
             activated.map(|t| (set, t))
         });
         match result {
-            Ok((set, token)) => self.succeeded(mem, set, token),
+            Ok((set, token)) => self.succeeded(mem, set, token).await,
             // Only an IdP's explicit verdict on the grant ends a human-obtained session; a 403
             // from a WAF or a redirect to a maintenance page is backed off like an outage.
             Err(e) if !self.source.can_acquire() && grant_rejected(&e) && self.cell.usable().is_none() => {
                 self.failed(mem, &e);
                 mem.previous = None;
                 // A dead token must not come back from the store after a restart.
-                let _ = self.store.remove(self.cell.name());
+                let _ = self.store.remove(&self.fingerprint, mem.version).await;
                 self.await_code("the IdP rejected the refresh and only a human login can renew the token");
                 Instant::now() + FAR
             }
@@ -201,7 +203,7 @@ impl Refresher {
             Ok((set, token)) => {
                 mem.pending = None;
                 info!(provider = %self.cell.name(), "login completed");
-                Ok(self.succeeded(mem, set, token))
+                Ok(self.succeeded(mem, set, token).await)
             }
             Err(e) => {
                 // A wrong code leaves the provider awaiting, the pending login intact.
@@ -230,7 +232,7 @@ impl Refresher {
         self.cell.report(Attempt { seq, failed: Some(ErrorClass::InvalidGrant), next_at: None });
     }
 
-    fn succeeded(&self, mem: &mut Memory, set: TokenSet, token: Arc<ActiveToken>) -> Instant {
+    async fn succeeded(&self, mem: &mut Memory, set: TokenSet, token: Arc<ActiveToken>) -> Instant {
         let name = self.cell.name();
         let m = metrics::get();
         mem.failures = 0;
@@ -256,9 +258,7 @@ impl Refresher {
         let stored = self.stored(&set, &token);
         mem.previous = Some(set);
         self.cell.publish(Some(token));
-        if let Err(e) = self.store.save(name, stored) {
-            warn!(provider = %name, error = %e, "could not save the token to the store");
-        }
+        self.save(mem, &stored).await;
         let mut st = self.cell.lock_status();
         st.last_success = Some(SystemTime::now());
         st.consecutive_failures = 0;
@@ -267,6 +267,24 @@ impl Refresher {
         drop(st);
         self.report(None, next_at);
         next_at
+    }
+
+    /// Last writer wins, as before the store had versions.
+    async fn save(&self, mem: &mut Memory, stored: &StoredToken) {
+        let name = self.cell.name();
+        for _ in 0..3 {
+            match self.store.save(&self.fingerprint, stored, mem.version).await {
+                Ok(Saved::Written(v)) => {
+                    mem.version = v;
+                    return;
+                }
+                Ok(Saved::Conflict(now)) => mem.version = now.map(|l| l.version).unwrap_or(0),
+                Err(e) => {
+                    warn!(provider = %name, error = %e, "could not save the token to the store");
+                    return;
+                }
+            }
+        }
     }
 
     fn failed(&self, mem: &mut Memory, e: &FetchError) -> Instant {
@@ -321,9 +339,17 @@ impl Refresher {
     }
 
     /// Use a stored token that is still usable, without contacting the IdP.
-    fn restore(&self, mem: &mut Memory) -> Option<Instant> {
+    async fn restore(&self, mem: &mut Memory) -> Option<Instant> {
         let name = self.cell.name();
-        let stored = self.store.load(name)?;
+        let loaded = match self.store.load(&self.fingerprint).await {
+            Ok(l) => l?,
+            Err(e) => {
+                warn!(provider = %name, error = %e, "could not read the token store");
+                return None;
+            }
+        };
+        mem.version = loaded.version;
+        let stored = &loaded.token;
         if stored.fingerprint != self.fingerprint {
             info!(provider = %name, "stored token belongs to another account or IdP; ignoring it");
             return None;
