@@ -1,17 +1,30 @@
 //! Where tokens outlive the process. A token obtained with a human's one-time code must
 //! survive a restart (or a `kill -9`), or the human is asked again; other tokens are
 //! stored too, so a restart costs no token request while the old one is still valid.
+//!
+//! Several processes may share one store (a rolling update, two containers on one
+//! volume), so every entry carries a version and every write is a compare-and-swap on
+//! it: a writer that lost a race is told what the entry holds now and decides again,
+//! instead of silently overwriting a newer token (with rotating refresh tokens, that
+//! would put a spent refresh token back and end a human's session).
 
+mod entries;
 mod file;
+mod memory;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use crate::config::StoreSettings;
+pub use entries::PURGE_AFTER;
 pub use file::FileStore;
+pub use memory::MemoryStore;
+
+/// Per-entry version for compare-and-swap. 0 means "no entry".
+pub type Version = u64;
 
 /// One provider's token as stored. Values are secrets: the file is mode 0600.
 #[derive(Clone, Serialize, Deserialize, PartialEq)]
@@ -52,6 +65,22 @@ impl Drop for StoredToken {
     }
 }
 
+/// An entry as loaded: the token and the version to pass back to `save` or `remove`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Loaded {
+    pub token: StoredToken,
+    pub version: Version,
+}
+
+/// The outcome of a compare-and-swap write.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Saved {
+    /// Written; the entry's new version.
+    Written(Version),
+    /// The entry was not at `expected`: here is what it holds now (None: absent).
+    Conflict(Option<Loaded>),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("token store `{path}`: {reason}")]
@@ -60,54 +89,35 @@ pub enum StoreError {
     /// a store a human needs to inspect.
     #[error("token store `{path}` is not a tollgate token store ({reason}); move it away or set `store.path`")]
     Foreign { path: PathBuf, reason: String },
-}
-
-/// Per-entry version for compare-and-swap. 0 means "no entry".
-pub type Version = u64;
-
-pub struct Loaded {
-    pub token: StoredToken,
-    pub version: Version,
-}
-
-pub enum Saved {
-    Written(Version),
-    Conflict(Option<Loaded>),
+    /// Another process has held the store's lock for longer than any write takes (it
+    /// may be stopped or stuck on a dead disk). Nothing was read or written.
+    #[error("token store `{path}`: its lock `{lock}` was not obtained within {secs} s; another process holds it")]
+    LockTimeout { path: PathBuf, lock: PathBuf, secs: u64 },
 }
 
 #[async_trait::async_trait]
 pub trait TokenStore: Send + Sync {
+    /// The entry stored under `key` (a provider identity hash) and its version.
     async fn load(&self, key: &str) -> Result<Option<Loaded>, StoreError>;
+    /// Write `token` under `key` only if the entry is still at `expected` (0 = must be absent).
     async fn save(&self, key: &str, token: &StoredToken, expected: Version) -> Result<Saved, StoreError>;
+    /// Remove the entry only if it is still at `expected`; Ok(false) when it was not (conflict or absent).
     async fn remove(&self, key: &str, expected: Version) -> Result<bool, StoreError>;
-    fn set_live(&self, keys: std::collections::BTreeSet<String>);
+    /// The keys this process's providers use; entries under other keys may be purged
+    /// (see [`PURGE_AFTER`] and `entries::purgeable` for the rule).
+    fn set_live(&self, keys: BTreeSet<String>);
     fn describe(&self) -> String;
-}
-
-/// TEMPORARY (replaced by the store branch).
-pub struct MemoryStore;
-
-#[async_trait::async_trait]
-impl TokenStore for MemoryStore {
-    async fn load(&self, _: &str) -> Result<Option<Loaded>, StoreError> {
-        Ok(None)
-    }
-    async fn save(&self, _: &str, _: &StoredToken, e: Version) -> Result<Saved, StoreError> {
-        Ok(Saved::Written(e + 1))
-    }
-    async fn remove(&self, _: &str, _: Version) -> Result<bool, StoreError> {
-        Ok(true)
-    }
-    fn set_live(&self, _: std::collections::BTreeSet<String>) {}
-    fn describe(&self) -> String {
-        "memory".into()
-    }
 }
 
 /// Open the configured store. A corrupt or foreign file is an error naming the path.
 pub fn open(settings: &StoreSettings) -> Result<Arc<dyn TokenStore>, StoreError> {
     Ok(match settings {
-        StoreSettings::Memory => Arc::new(MemoryStore),
+        StoreSettings::Memory => Arc::new(MemoryStore::new()),
         StoreSettings::File(path) => Arc::new(FileStore::open(path.clone())?),
     })
+}
+
+/// Unix seconds now, for the purge rule (a clock before 1970 reads as 0 and purges nothing).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
