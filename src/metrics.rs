@@ -21,6 +21,9 @@ pub struct Metrics {
     pub config_reload_total: IntCounterVec,
     pub upstream_auth_rejected_total: IntCounterVec,
     pub store_errors_total: IntCounterVec,
+    pub fleet_lease_total: IntCounterVec,
+    pub fleet_fallback_total: IntCounterVec,
+    pub token_source_total: IntCounterVec,
     pub build_info: IntGaugeVec,
 }
 
@@ -119,6 +122,21 @@ impl Metrics {
                 "Token store operations that failed (the token keeps being served from memory), by operation.",
                 &["provider", "operation"],
             ),
+            fleet_lease_total: counter(
+                "tollgate_fleet_lease_total",
+                "Attempts to take a provider's fleet-wide refresh lease, by outcome (acquired, busy, lost).",
+                &["provider", "outcome"],
+            ),
+            fleet_fallback_total: counter(
+                "tollgate_fleet_fallback_total",
+                "Token requests made by this replica alone because the shared store was unreachable.",
+                &["provider"],
+            ),
+            token_source_total: counter(
+                "tollgate_token_source_total",
+                "Tokens put in use, by where they came from (fetched here, shared by another replica, restored from the store).",
+                &["provider", "source"],
+            ),
             build_info: igauge("tollgate_build_info", "Build information; always 1.", &["version"]),
             registry,
         };
@@ -144,6 +162,9 @@ impl Metrics {
         for op in STORE_OPERATIONS {
             self.store_errors_total.with_label_values(&[provider, op]);
         }
+        for source in ["fetched", "shared", "restored"] {
+            self.token_source_total.with_label_values(&[provider, source]);
+        }
     }
 
     /// Drop every series of a provider that a reload removed, so dashboards and alerts do
@@ -162,6 +183,13 @@ impl Metrics {
         for op in STORE_OPERATIONS {
             let _ = self.store_errors_total.remove_label_values(&[provider, op]);
         }
+        for source in ["fetched", "shared", "restored"] {
+            let _ = self.token_source_total.remove_label_values(&[provider, source]);
+        }
+        for outcome in ["acquired", "busy", "lost"] {
+            let _ = self.fleet_lease_total.remove_label_values(&[provider, outcome]);
+        }
+        let _ = self.fleet_fallback_total.remove_label_values(&[provider]);
     }
 
     /// The text exposition.

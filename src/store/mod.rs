@@ -10,6 +10,7 @@
 
 mod entries;
 mod file;
+pub mod fleet;
 mod memory;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -107,6 +108,10 @@ pub trait TokenStore: Send + Sync {
     /// (see [`PURGE_AFTER`] and `entries::purgeable` for the rule).
     fn set_live(&self, keys: BTreeSet<String>);
     fn describe(&self) -> String;
+    /// The fleet coordination this store offers (a store shared by replicas).
+    fn fleet(&self) -> Option<&dyn fleet::Fleet> {
+        None
+    }
 }
 
 /// Open the configured store. A corrupt or foreign file is an error naming the path.

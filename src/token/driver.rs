@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 use super::cell::{Attempt, TokenCell};
+use super::coordinate::{self, Ask, Got};
 use super::expiry::{self, Lifetime};
 use super::machine::{Action, Caps, Event, Failure, FetchKind, Machine, Schedule, TokenMeta};
 use super::ActiveToken;
@@ -24,7 +25,8 @@ use crate::config::{ProviderSpec, Secret, Timing};
 use crate::metrics;
 use crate::provider::template::{Template, Vars};
 use crate::provider::{ErrorClass, FetchError, TokenSet, TokenSource};
-use crate::store::{Saved, StoredToken, TokenStore, Version};
+use crate::store::fleet::{FleetMessage, Lease};
+use crate::store::{Loaded, Saved, StoredToken, TokenStore, Version};
 
 /// Requests from the admin API. Each is answered once its request to the IdP is done.
 pub enum Command {
@@ -58,9 +60,13 @@ pub struct Channels {
     pub stopped: watch::Sender<bool>,
 }
 
-/// What a request to the IdP produced.
+/// What a request produced.
 enum Fetched {
-    Token(TokenSet),
+    /// A token response (for a fleet: obtained by this replica under `lease`).
+    Token(TokenSet, Option<Lease>),
+    /// The fleet's newer token, shared by another replica.
+    Shared(Loaded),
+    /// The login steps before the code ran; this is what they extracted.
     Pending(Vars),
 }
 
@@ -69,7 +75,11 @@ type FetchFuture = Pin<Box<dyn Future<Output = Result<Fetched, FetchError>> + Se
 /// Where the published token came from (shown by the admin API).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
+    /// Fetched from the IdP by this process.
     Fetched,
+    /// Fetched by another replica and shared through the store (fleet mode).
+    Shared,
+    /// Restored from the store at start.
     Restored,
 }
 
@@ -77,6 +87,7 @@ impl Origin {
     pub fn as_str(self) -> &'static str {
         match self {
             Origin::Fetched => "fetched",
+            Origin::Shared => "shared",
             Origin::Restored => "restored",
         }
     }
@@ -111,6 +122,10 @@ pub struct Driver {
     wake: Option<Instant>,
     /// Version of an entry stored under the provider's name by an older tollgate.
     legacy: Option<Version>,
+    /// The fleet's refresh lease, held from a coordinated request until its result is written.
+    lease: Option<Lease>,
+    /// Where the published token came from.
+    origin: Option<Origin>,
 }
 
 fn schedule_of(t: &Timing) -> Schedule {
@@ -150,6 +165,8 @@ impl Driver {
             fetch_started: None,
             wake: None,
             legacy: None,
+            lease: None,
+            origin: None,
         }
     }
 
@@ -166,6 +183,7 @@ impl Driver {
                 _ = p.wait_for(|s| *s) => {}
             }
         }
+        let mut fleet = self.store.fleet().map(|f| f.subscribe());
         let stored = self.restore().await;
         let mut fetch: Option<FetchFuture> = None;
         self.apply(Event::Start { stored }, &mut fetch).await;
@@ -193,6 +211,7 @@ impl Driver {
                 _ = sleep_until(wake) => self.apply(Event::Tick, &mut fetch).await,
                 _ = self.cell.woken() => {
                     if let Some(generation) = self.cell.take_rejected() {
+                        self.invalidate_shared().await;
                         self.apply(Event::Rejected { generation }, &mut fetch).await;
                     }
                     if self.cell.take_force() {
@@ -203,6 +222,15 @@ impl Driver {
                     }
                 }
                 Some(cmd) = ch.commands.recv(), if fetch.is_none() => self.command(cmd, &mut fetch).await,
+                msg = async { match fleet.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } }, if fetch.is_none() => {
+                    match msg {
+                        Ok(m) => self.fleet_message(m, &mut fetch).await,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            self.fleet_message(FleetMessage::Reconnected, &mut fetch).await
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => fleet = None,
+                    }
+                }
             }
         }
     }
@@ -239,16 +267,44 @@ impl Driver {
         self.fetch_started = Some(Instant::now());
         let src = Arc::clone(&self.source);
         match kind {
-            FetchKind::Acquire => Box::pin(async move { src.acquire().await.map(Fetched::Token) }),
-            FetchKind::Refresh => match self.previous.clone() {
-                Some(prev) => Box::pin(async move { src.refresh(&prev).await.map(Fetched::Token) }),
-                None => Box::pin(async move { src.acquire().await.map(Fetched::Token) }),
-            },
+            FetchKind::Acquire | FetchKind::Refresh => {
+                let current = self.cell.latest();
+                let ask = Ask {
+                    store: Arc::clone(&self.store),
+                    source: src,
+                    name: self.name.clone(),
+                    key: self.key.clone(),
+                    previous: if kind == FetchKind::Refresh { self.previous.clone() } else { None },
+                    held: if current.is_some() { self.version } else { 0 },
+                    held_expiry: current.and_then(|t| t.expires_at).map(unix_of),
+                    margin: self.timing.expiry_margin,
+                };
+                Box::pin(async move {
+                    coordinate::coordinated(ask).await.map(|got| match got {
+                        Got::Here { set, lease } => Fetched::Token(set, lease),
+                        Got::Shared(entry) => Fetched::Shared(entry),
+                    })
+                })
+            }
             FetchKind::LoginStart => Box::pin(async move { src.login_start().await.map(Fetched::Pending) }),
             FetchKind::LoginCode => {
-                let pending = self.pending.clone().unwrap_or_default();
+                let local = self.pending.clone();
+                let store = Arc::clone(&self.store);
+                let key = self.key.clone();
                 let code = self.code.take().unwrap_or_else(|| Secret::new(""));
-                Box::pin(async move { src.login_complete(&pending, &code).await.map(Fetched::Token) })
+                Box::pin(async move {
+                    // The login may have been started on another replica: its pending
+                    // state (e.g. Etna's interim token) is shared.
+                    let pending = match (local, store.fleet()) {
+                        (Some(p), _) => p,
+                        (None, Some(f)) => match f.load_pending(&key).await {
+                            Ok(Some(p)) => p.into_iter().map(|(k, v)| (k, Secret::new(v))).collect(),
+                            _ => Vars::new(),
+                        },
+                        (None, None) => Vars::new(),
+                    };
+                    src.login_complete(&pending, &code).await.map(|set| Fetched::Token(set, None))
+                })
             }
         }
     }
@@ -263,28 +319,48 @@ impl Driver {
         }
         let result = match outcome {
             Ok(Fetched::Pending(vars)) => {
+                if let Some(f) = self.store.fleet() {
+                    let shared = vars.iter().map(|(k, v)| (k.clone(), v.expose().to_string())).collect();
+                    if let Err(e) = f.save_pending(&self.key, &shared, PENDING_TTL).await {
+                        self.store_failed("save", &format!("pending login: {e}"));
+                    }
+                }
                 self.pending = Some(vars);
                 info!(provider = %self.name, "login started; waiting for the code");
                 self.answer(Ok(()));
                 return self.apply(Event::LoginStarted, fetch).await;
             }
-            Ok(Fetched::Token(set)) => {
+            Ok(Fetched::Token(set, lease)) => {
+                self.lease = lease;
                 // Keep the newest response even if it cannot be activated: with rotating
                 // refresh tokens the old refresh token is already spent (oauth2-proxy #1006).
                 let activated = self.activate(&set);
                 self.previous = Some(set.clone());
-                activated.map(|t| (set, t))
+                activated.map(|t| (set, t, Origin::Fetched))
+            }
+            Ok(Fetched::Shared(entry)) => {
+                let (set, lifetime, elapsed) = token_set_of(&entry.token);
+                let generation = self.cell.next_generation();
+                self.version = entry.version;
+                self.previous = Some(set.clone());
+                self.build(&set, lifetime, elapsed, generation).map(|t| (set, t, Origin::Shared))
             }
             Err(e) => Err(e),
         };
+        if result.is_err() {
+            self.release_lease().await;
+        }
         match result {
-            Ok((set, token)) => {
+            Ok((set, token, origin)) => {
                 let meta = self.meta(&set, &token);
                 if kind == Some(FetchKind::LoginCode) {
                     self.pending = None;
                     info!(provider = %self.name, "login completed");
+                    if let Some(f) = self.store.fleet() {
+                        let _ = f.clear_pending(&self.key).await;
+                    }
                 }
-                self.candidate = Some((set, token, Origin::Fetched));
+                self.candidate = Some((set, token, origin));
                 self.last_failure = None;
                 self.apply(Event::Fetched(meta), fetch).await;
                 self.answer(Ok(()));
@@ -379,10 +455,15 @@ impl Driver {
                 m.token_fetch_total.with_label_values(&[name, "success"]).inc();
                 info!(provider = %name, generation = token.generation, expires_in_s = token.lifetime_secs(), "token obtained");
             }
+            Origin::Shared => {
+                info!(provider = %name, generation = token.generation, "using the token another replica obtained; no token request needed")
+            }
             Origin::Restored => {
                 info!(provider = %name, generation = token.generation, "using the stored token; no token request needed")
             }
         }
+        m.token_source_total.with_label_values(&[name, origin.as_str()]).inc();
+        self.origin = Some(origin);
         self.previous = Some(set);
         self.cell.publish(Some(token));
         let mut st = self.cell.lock_status();
@@ -390,13 +471,36 @@ impl Driver {
         st.origin = Some(origin);
     }
 
-    /// Persist the published token. Another process may have written the entry since we
-    /// read it (a shared file store): ours was just obtained, so it is the newest; write
-    /// it over theirs at their version.
+    /// Persist the published token.
+    ///
+    /// - Shared by another replica: it is already in the store.
+    /// - Obtained under the fleet's lease: written fenced by the lease, then the lease is
+    ///   released; a holder whose lease lapsed writes nothing (a newer token may be there).
+    /// - Otherwise a compare-and-swap on the version read. On a conflict in a fleet the
+    ///   other replica's entry stays (it was written under the lease); with a file shared
+    ///   by two processes ours, just obtained, is the newest and is written over theirs.
     async fn save(&mut self) {
+        if self.origin == Some(Origin::Shared) {
+            return;
+        }
         let Some(current) = self.cell.latest() else { return };
         let Some(set) = self.previous.as_ref() else { return };
         let stored = self.stored(set, &current);
+        if let (Some(lease), Some(f)) = (self.lease.take(), self.store.fleet()) {
+            match f.save_fenced(&self.key, &stored, &lease).await {
+                Ok(Some(v)) => self.version = v,
+                Ok(None) => {
+                    metrics::get().fleet_lease_total.with_label_values(&[&self.name, "lost"]).inc();
+                    warn!(provider = %self.name, "the refresh lease lapsed before the token was written; not sharing it");
+                }
+                Err(e) => self.store_failed("save", &e.to_string()),
+            }
+            if let Err(e) = f.release(&lease).await {
+                debug!(provider = %self.name, error = %e, "could not release the refresh lease; it expires on its own");
+            }
+            return;
+        }
+        let fleet = self.store.fleet().is_some();
         let mut expected = self.version;
         for _ in 0..3 {
             match self.store.save(&self.key, &stored, expected).await {
@@ -407,6 +511,10 @@ impl Driver {
                     }
                     return;
                 }
+                Ok(Saved::Conflict(Some(_))) if fleet => {
+                    debug!(provider = %self.name, "another replica wrote a token meanwhile; keeping theirs in the store");
+                    return;
+                }
                 Ok(Saved::Conflict(now)) => {
                     debug!(provider = %self.name, "store entry changed by another writer; writing the newer token over it");
                     expected = now.map(|l| l.version).unwrap_or(0);
@@ -415,6 +523,93 @@ impl Driver {
             }
         }
         self.store_failed("save", "the entry kept changing under concurrent writers");
+    }
+
+    async fn release_lease(&mut self) {
+        if let (Some(lease), Some(f)) = (self.lease.take(), self.store.fleet()) {
+            let _ = f.release(&lease).await;
+        }
+    }
+
+    /// The upstream rejected our token: drop it from the fleet too (only if the shared
+    /// entry still holds it), so that every replica stops using it at once.
+    async fn invalidate_shared(&mut self) {
+        let Some(f) = self.store.fleet() else { return };
+        if self.version == 0 {
+            return;
+        }
+        match f.invalidate(&self.key, self.version).await {
+            Ok(true) => info!(provider = %self.name, version = self.version, "rejected token dropped fleet-wide"),
+            Ok(false) => {}
+            Err(e) => self.store_failed("remove", &e.to_string()),
+        }
+    }
+
+    /// What another replica did.
+    async fn fleet_message(&mut self, msg: FleetMessage, fetch: &mut Option<FetchFuture>) {
+        match msg {
+            FleetMessage::Written { key, version } if key == self.key && version != self.version => {
+                self.adopt_shared(fetch).await;
+            }
+            FleetMessage::Invalidated { key, version } if key == self.key && version == self.version => {
+                if let Some(t) = self.cell.latest() {
+                    // Another replica's upstream rejected this token: drop it here too.
+                    if self.cell.invalidate(t.generation, Duration::ZERO) {
+                        info!(provider = %self.name, "token rejected on another replica; dropping it here");
+                    }
+                }
+            }
+            FleetMessage::Reconnected if !self.adopt_shared(fetch).await => self.write_back().await,
+            _ => {}
+        }
+    }
+
+    /// Take the shared entry if it is newer than what we hold. Returns whether it did.
+    async fn adopt_shared(&mut self, fetch: &mut Option<FetchFuture>) -> bool {
+        let entry = match self.store.load(&self.key).await {
+            Ok(Some(e)) => e,
+            Ok(None) => return false,
+            Err(e) => {
+                self.store_failed("load", &e.to_string());
+                return false;
+            }
+        };
+        let current = self.cell.latest();
+        let theirs_later = match (entry.token.expires_at, current.as_ref().and_then(|t| t.expires_at).map(unix_of)) {
+            (_, None) => true,
+            (None, Some(_)) => true,
+            (Some(a), Some(b)) => a >= b,
+        };
+        if entry.version == self.version || entry.token.fingerprint != self.key || !theirs_later {
+            return false;
+        }
+        let (set, lifetime, elapsed) = token_set_of(&entry.token);
+        let generation = self.cell.next_generation();
+        let Ok(token) = self.build(&set, lifetime, elapsed, generation) else { return false };
+        let meta = self.meta(&set, &token);
+        if !meta.usable_at(Instant::now()) {
+            return false;
+        }
+        self.version = entry.version;
+        self.candidate = Some((set, token, Origin::Shared));
+        self.apply(Event::Shared(meta), fetch).await;
+        self.candidate = None;
+        self.cell.latest().is_some_and(|t| t.generation == generation)
+    }
+
+    /// Redis came back empty while we hold a usable token (a human's, say): put it back,
+    /// unless another replica already did.
+    async fn write_back(&mut self) {
+        let (Some(current), Some(set)) = (self.cell.usable(), self.previous.as_ref()) else { return };
+        let stored = self.stored(set, &current);
+        match self.store.save(&self.key, &stored, 0).await {
+            Ok(Saved::Written(v)) => {
+                self.version = v;
+                info!(provider = %self.name, "shared store was empty; wrote the token held here back");
+            }
+            Ok(Saved::Conflict(_)) => {}
+            Err(e) => self.store_failed("save", &e.to_string()),
+        }
     }
 
     async fn remove(&mut self) {
@@ -513,24 +708,7 @@ impl Driver {
             info!(provider = %self.name, "stored token belongs to another account or IdP; ignoring it");
             return None;
         }
-        let now = unix_now();
-        let lifetime = match stored.expires_at {
-            None => Lifetime::Never,
-            Some(exp) => Lifetime::Finite(Duration::from_secs(exp.saturating_sub(stored.issued_at).max(1))),
-        };
-        let mut vars = Vars::new();
-        for (k, v) in &stored.vars {
-            vars.insert(k.clone(), Secret::new(v.as_str()));
-        }
-        let set = TokenSet {
-            access_token: Secret::new(stored.token.as_str()),
-            expires_in: None,
-            refresh_token: vars.get("refresh_token").cloned(),
-            scope: stored.scope.clone(),
-            extras: stored.extras.clone(),
-            vars,
-        };
-        let elapsed = Duration::from_secs(now.saturating_sub(stored.issued_at));
+        let (set, lifetime, elapsed) = token_set_of(stored);
         let refreshable = self.source.can_refresh(&set);
         self.previous = Some(set.clone());
         let generation = self.cell.next_generation();
@@ -645,6 +823,35 @@ impl Driver {
             extras: set.extras.clone(),
         }
     }
+}
+
+/// How long a pending human login is kept in a shared store.
+const PENDING_TTL: Duration = Duration::from_secs(30 * 60);
+
+/// A stored token as a token set, with its lifetime and how long ago it was issued.
+fn token_set_of(stored: &StoredToken) -> (TokenSet, Lifetime, Duration) {
+    let lifetime = match stored.expires_at {
+        None => Lifetime::Never,
+        Some(exp) => Lifetime::Finite(Duration::from_secs(exp.saturating_sub(stored.issued_at).max(1))),
+    };
+    let mut vars = Vars::new();
+    for (k, v) in &stored.vars {
+        vars.insert(k.clone(), Secret::new(v.as_str()));
+    }
+    let set = TokenSet {
+        access_token: Secret::new(stored.token.as_str()),
+        expires_in: None,
+        refresh_token: vars.get("refresh_token").cloned(),
+        scope: stored.scope.clone(),
+        extras: stored.extras.clone(),
+        vars,
+    };
+    let elapsed = Duration::from_secs(unix_now().saturating_sub(stored.issued_at));
+    (set, lifetime, elapsed)
+}
+
+fn unix_of(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 async fn sleep_until(at: Option<Instant>) {

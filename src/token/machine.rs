@@ -138,6 +138,8 @@ pub enum Event {
     Start { stored: Option<TokenMeta> },
     /// The in-flight request produced a token (already built and checked by the driver).
     Fetched(TokenMeta),
+    /// Another replica published a newer token (fleet mode); the driver has built it.
+    Shared(TokenMeta),
     /// The in-flight login start succeeded: a code is now awaited.
     LoginStarted,
     /// The in-flight request failed.
@@ -271,6 +273,20 @@ impl Machine {
             }
             Event::Start { stored } => self.start(now, stored, &mut out),
             Event::Fetched(meta) => self.fetched(now, meta, &mut out),
+            Event::Shared(meta) => {
+                // Only between requests: a request in flight comes back with the fleet's
+                // newest token itself.
+                if self.started && self.in_flight.is_none() && meta.usable_at(now) {
+                    self.failures = 0;
+                    self.awaiting_code = false;
+                    self.pending_login = false;
+                    self.token = Some(meta);
+                    self.refresh_held = meta.refreshable;
+                    out.push(Action::Publish);
+                    out.push(Action::Report);
+                    self.wake_at = self.refresh_at(now, &meta);
+                }
+            }
             Event::LoginStarted => {
                 if self.in_flight == Some(FetchKind::LoginStart) {
                     self.in_flight = None;

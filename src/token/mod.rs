@@ -3,6 +3,7 @@
 //! schedule and expiry rules they follow.
 
 pub mod cell;
+mod coordinate;
 pub mod driver;
 pub mod expiry;
 pub mod machine;

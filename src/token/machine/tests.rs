@@ -263,6 +263,23 @@ fn expired_fetch_result_is_never_published() {
 }
 
 #[test]
+fn a_token_shared_by_the_fleet_is_published_without_a_request_or_a_save() {
+    let t0 = Instant::now();
+    let mut m = Machine::new(schedule(), HUMAN, 1);
+    m.handle(t0, Event::Start { stored: None });
+    assert!(m.awaiting_code());
+    // Another replica completed the login.
+    let a = m.handle(t0, Event::Shared(token(t0, 1, Some(3600), true)));
+    assert_eq!(&a[..2], &[Action::Publish, Action::Report]);
+    assert!(!a.contains(&Action::Save) && fetches(&a).is_empty());
+    assert_eq!(m.phase(), Phase::Valid);
+    // While a request is in flight, its own outcome decides.
+    let due = m.wake_at().expect("scheduled");
+    m.handle(due, Event::Tick);
+    assert!(m.handle(due, Event::Shared(token(due, 2, Some(3600), true))).is_empty());
+}
+
+#[test]
 fn retired_machine_does_nothing() {
     let t0 = Instant::now();
     let mut m = Machine::new(schedule(), MACHINE, 1);
@@ -404,6 +421,11 @@ impl World {
                     Event::Reconfigure { schedule, caps: self.caps, credentials_changed: self.rng.bool() }
                 }
                 87 => Event::Shutdown,
+                88..=91 => {
+                    let t = self.new_token();
+                    self.offered = Some(t);
+                    Event::Shared(t)
+                }
                 _ => {
                     self.now += Duration::from_millis(self.rng.u64(0..500));
                     Event::Tick
