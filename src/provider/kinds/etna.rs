@@ -84,6 +84,20 @@ mod tests {
     }
 
     #[test]
+    fn secret_change_keeps_the_fingerprint() {
+        let base = fingerprint_of(etna());
+        assert_eq!(fingerprint_of(with(&etna(), "password", json!("rotated"))), base);
+        assert_eq!(fingerprint_of(with(&etna(), "app_key", json!("rotated"))), base);
+    }
+
+    #[test]
+    fn user_or_endpoint_change_alters_the_fingerprint() {
+        let base = fingerprint_of(etna());
+        assert_ne!(fingerprint_of(with(&etna(), "username", json!("other"))), base);
+        assert_ne!(fingerprint_of(with(&etna(), "base_url", json!("http://127.0.0.1:9/api/v1"))), base);
+    }
+
+    #[test]
     fn app_key_header_is_implied_unless_configured() {
         let table = crate::provider::kinds::test_support::table;
         let v = crate::provider::kinds::validate(&table(etna())).expect("valid");

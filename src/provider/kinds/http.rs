@@ -157,7 +157,7 @@ pub(super) fn check_flow(flow: &HttpFlowSpec) -> Result<(), SpecError> {
 mod tests {
     use serde_json::{json, Value};
 
-    use crate::provider::kinds::test_support::fingerprint_of;
+    use crate::provider::kinds::test_support::{fingerprint_of, with};
 
     fn flow() -> Value {
         json!({
@@ -173,5 +173,17 @@ mod tests {
     #[test]
     fn fingerprint_unchanged() {
         assert_eq!(fingerprint_of(flow()), "d50ab49254a079b1");
+    }
+
+    #[test]
+    fn secret_change_keeps_the_fingerprint() {
+        assert_eq!(fingerprint_of(with(&flow(), "secrets", json!({ "pw": "rotated" }))), fingerprint_of(flow()));
+    }
+
+    #[test]
+    fn user_or_endpoint_change_alters_the_fingerprint() {
+        let base = fingerprint_of(flow());
+        assert_ne!(fingerprint_of(with(&flow(), "params", json!({ "tenant": "acme", "user": "u2" }))), base);
+        assert_ne!(fingerprint_of(with(&flow(), "base_url", json!("http://127.0.0.1:9/api"))), base);
     }
 }

@@ -128,19 +128,30 @@ pub(super) fn validate(p: &ProviderConfig, cx: &mut Cx) -> Result<KindSpec, Spec
 }
 
 /// What decides which token this provider gets: the token endpoint, the grant, the
-/// client, the user (or the OTP recipient) and the scope. Never a secret.
+/// client, the user (or the OTP recipient), the scope, and, when set, the audience and
+/// the extra parameters. Never a secret. Audience and extra parameters are appended only
+/// when present, so that fingerprints of configs without them are those tollgate stored
+/// before they were part of the identity.
 pub fn identity(o: &OAuth2Spec) -> String {
     let grant = match o.grant {
         Grant::ClientCredentials => "ClientCredentials",
         Grant::Password => "Password",
     };
-    format!(
+    let mut id = format!(
         "oauth2|{}|{grant}|{}|{}|{}",
         o.token_url,
         o.client_id.as_deref().unwrap_or(""),
         o.username.as_deref().or(o.otp.as_ref().map(|x| x.value.as_str())).unwrap_or(""),
         o.scope.as_deref().unwrap_or("")
-    )
+    );
+    if let Some(aud) = &o.audience {
+        id.push_str(&format!("|audience={aud}"));
+    }
+    if !o.extra_params.is_empty() {
+        let params: Vec<String> = o.extra_params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        id.push_str(&format!("|extra_params={}", params.join("&")));
+    }
+    id
 }
 
 fn spec(p: &ProviderConfig, cx: &mut Cx) -> Result<OAuth2Spec, SpecError> {
@@ -510,5 +521,56 @@ mod tests {
             "client_id": "web",
         });
         assert_eq!(fingerprint_of(otp), "ac863d2566924330");
+    }
+
+    #[test]
+    fn secret_change_keeps_the_fingerprint() {
+        let base = fingerprint_of(client_credentials());
+        assert_eq!(fingerprint_of(with(&client_credentials(), "client_secret", json!("rotated"))), base);
+        let pw = fingerprint_of(password_grant());
+        assert_eq!(fingerprint_of(with(&password_grant(), "password", json!("rotated"))), pw);
+        assert_eq!(fingerprint_of(with(&password_grant(), "client_secret", json!("rotated"))), pw);
+        // Settings that change how, not for whom, the token is requested.
+        assert_eq!(fingerprint_of(with(&client_credentials(), "client_auth", json!("client_secret_basic"))), base);
+        assert_eq!(fingerprint_of(with(&client_credentials(), "encoding", json!("json"))), base);
+    }
+
+    #[test]
+    fn identity_change_alters_the_fingerprint() {
+        let base = fingerprint_of(client_credentials());
+        let changed = [
+            with(&client_credentials(), "scope", json!("read")),
+            with(&client_credentials(), "scope", Value::Null),
+            with(&client_credentials(), "audience", json!("https://api.example")),
+            with(&client_credentials(), "extra_params", json!({ "resource": "orders" })),
+            with(&client_credentials(), "client_id", json!("other")),
+            with(&client_credentials(), "token_url", json!("http://127.0.0.1:9/token")),
+        ];
+        for c in changed {
+            assert_ne!(fingerprint_of(c.clone()), base, "{c}");
+        }
+        let pw = fingerprint_of(password_grant());
+        assert_ne!(fingerprint_of(with(&password_grant(), "username", json!("mallory"))), pw);
+        let audience = with(&client_credentials(), "audience", json!("a"));
+        assert_ne!(fingerprint_of(with(&audience, "audience", json!("b"))), fingerprint_of(audience));
+        let params = with(&client_credentials(), "extra_params", json!({ "resource": "orders" }));
+        assert_ne!(
+            fingerprint_of(with(&params, "extra_params", json!({ "resource": "invoices" }))),
+            fingerprint_of(params)
+        );
+    }
+
+    #[test]
+    fn identity_holds_no_secret() {
+        let spec =
+            match crate::provider::kinds::validate(&crate::provider::kinds::test_support::table(password_grant())) {
+                Ok(v) => match v.source {
+                    SourceSpec::OAuth2(o) => o,
+                    SourceSpec::Http(_) => panic!("oauth2 built a step flow"),
+                },
+                Err(e) => panic!("{e}"),
+            };
+        let id = identity(&spec);
+        assert!(id.contains("alice") && !id.contains("456789") && !id.contains("|pw"), "{id}");
     }
 }

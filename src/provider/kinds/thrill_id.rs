@@ -76,7 +76,7 @@ pub fn flow(base_url: url::Url, vars: Vars) -> Result<HttpFlowSpec, TemplateErro
 mod tests {
     use serde_json::{json, Value};
 
-    use crate::provider::kinds::test_support::fingerprint_of;
+    use crate::provider::kinds::test_support::{fingerprint_of, with};
 
     fn thrill() -> Value {
         json!({ "kind": "thrill_id", "base_url": "http://127.0.0.1:6", "username": "tu", "password": "p" })
@@ -86,5 +86,17 @@ mod tests {
     #[test]
     fn fingerprint_unchanged() {
         assert_eq!(fingerprint_of(thrill()), "96bd5f00af2c5026");
+    }
+
+    #[test]
+    fn secret_change_keeps_the_fingerprint() {
+        assert_eq!(fingerprint_of(with(&thrill(), "password", json!("rotated"))), fingerprint_of(thrill()));
+    }
+
+    #[test]
+    fn user_or_endpoint_change_alters_the_fingerprint() {
+        let base = fingerprint_of(thrill());
+        assert_ne!(fingerprint_of(with(&thrill(), "username", json!("other"))), base);
+        assert_ne!(fingerprint_of(with(&thrill(), "base_url", json!("http://127.0.0.1:9"))), base);
     }
 }

@@ -73,7 +73,7 @@ pub fn flow(base_url: url::Url, vars: Vars) -> Result<HttpFlowSpec, TemplateErro
 mod tests {
     use serde_json::{json, Value};
 
-    use crate::provider::kinds::test_support::fingerprint_of;
+    use crate::provider::kinds::test_support::{fingerprint_of, with};
 
     fn tnid() -> Value {
         json!({
@@ -88,5 +88,20 @@ mod tests {
     #[test]
     fn fingerprint_unchanged() {
         assert_eq!(fingerprint_of(tnid()), "10ee876f9a681650");
+    }
+
+    /// TNID has no configured secret (the OTP is the human's); profile data is not identity.
+    #[test]
+    fn profile_change_keeps_the_fingerprint() {
+        let base = fingerprint_of(tnid());
+        assert_eq!(fingerprint_of(with(&tnid(), "first_name", json!("Anne"))), base);
+        assert_eq!(fingerprint_of(with(&tnid(), "email", json!("ann@example.com"))), base);
+    }
+
+    #[test]
+    fn user_or_endpoint_change_alters_the_fingerprint() {
+        let base = fingerprint_of(tnid());
+        assert_ne!(fingerprint_of(with(&tnid(), "telephone_number", json!("15555550199"))), base);
+        assert_ne!(fingerprint_of(with(&tnid(), "base_url", json!("http://127.0.0.1:9"))), base);
     }
 }
