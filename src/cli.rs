@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::config::{self, Settings, SourceSpec};
+use crate::config::{self, Settings};
+use crate::provider::SourceSpec;
+use crate::secret::REDACTED;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -140,7 +142,7 @@ pub fn describe(s: &Settings) -> String {
         out,
         "admin: listen {} token {}",
         s.admin.listen,
-        if s.admin.token.is_some() { config::REDACTED } else { "(none)" }
+        if s.admin.token.is_some() { REDACTED } else { "(none)" }
     );
     for p in &s.providers {
         match &p.source {
@@ -152,11 +154,11 @@ pub fn describe(s: &Settings) -> String {
                     o.token_url.as_str(),
                     o.grant,
                     o.client_id.as_deref().unwrap_or("(none)"),
-                    if o.client_secret.is_some() { config::REDACTED } else { "(none)" },
+                    if o.client_secret.is_some() { REDACTED } else { "(none)" },
                     o.client_auth,
                     o.encoding,
                     o.username.as_deref().unwrap_or("(none)"),
-                    if o.password.is_some() { config::REDACTED } else { "(none)" },
+                    if o.password.is_some() { REDACTED } else { "(none)" },
                     match &o.otp {
                         Some(otp) => format!(" one-time password from {:?} ({} {})", otp.url.as_str(), otp.field, otp.value),
                         None => String::new(),

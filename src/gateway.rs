@@ -14,7 +14,8 @@ use tokio::sync::{mpsc, watch};
 
 use tracing::warn;
 
-use crate::config::{ProviderSpec, RouteSpec, Settings, StoreSettings};
+use crate::config::{RouteSpec, Settings, StoreSettings};
+use crate::provider::ProviderSpec;
 use crate::provider::TokenSource;
 use crate::proxy::router::{RouteEntry, Router};
 use crate::store::TokenStore;

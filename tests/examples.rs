@@ -194,11 +194,11 @@ kind = "file"
 }
 
 /// `config/tollgate.example.toml` is the reference: every field of the file schema
-/// (`src/config/model.rs`) appears in it, set or commented out.
+/// (`src/schema.rs`) appears in it, set or commented out.
 #[test]
 fn reference_example_mentions_every_config_key() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let model = std::fs::read_to_string(root.join("src/config/model.rs")).unwrap();
+    let model = std::fs::read_to_string(root.join("src/schema.rs")).unwrap();
     let example = std::fs::read_to_string(root.join("config/tollgate.example.toml")).unwrap();
     let keys: Vec<&str> = model
         .lines()

@@ -9,9 +9,9 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tollgate::config::Secret;
 use tollgate::provider::steps;
-use tollgate::provider::template::{Template, Vars};
+use tollgate::secret::Secret;
+use tollgate::template::{Template, Vars};
 use tollgate::token::expiry::{self, Lifetime};
 
 /// A target's body: must not panic for any input.
@@ -46,7 +46,7 @@ fn check_lifetime(l: &Result<Lifetime, expiry::ExpiryError>, max: Duration) {
 /// Target `token_response`: a token endpoint's 2xx body, as the OAuth2 source sees it:
 /// `parse_token_response`, then the lifetime decision on what it returned.
 pub fn token_response(data: &[u8]) {
-    let Ok(set) = tollgate::provider::oauth2::parse_token_response(data) else { return };
+    let Ok(set) = tollgate::provider::kinds::oauth2::parse_token_response(data) else { return };
     let token = set.access_token.expose();
     assert!(!token.is_empty(), "parse_token_response accepted an empty access_token");
     let l = expiry::lifetime(set.expires_in.as_ref(), token, None, MAX, fixed_now());

@@ -13,9 +13,9 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
 use super::error;
-use crate::config::Secret;
 use crate::gateway::{Gateway, ProviderHandle};
 use crate::provider::FetchError;
+use crate::secret::Secret;
 use crate::token::driver::Command;
 
 fn ts(t: Option<SystemTime>) -> Value {

@@ -1,8 +1,8 @@
 //! Loading configuration: one TOML or YAML file plus `TOLLGATE_` environment overrides
-//! (`__` nests), merged by figment, then validated into [`Settings`].
+//! (`__` nests), merged by figment, then validated into [`Settings`]. Validation of what
+//! every config has (proxy, admin, store, routes, a provider's timing and HTTP client) is
+//! here; each provider kind's own keys are validated by [`crate::provider::kinds`].
 
-pub mod model;
-pub mod secret;
 pub mod settings;
 mod validate;
 
@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use figment::providers::{Env, Format, Toml, Yaml};
 use figment::Figment;
 
-pub use secret::{Secret, SecretSource, REDACTED};
 pub use settings::*;
 
 /// A config problem, phrased for the operator: which key, from where, and why.

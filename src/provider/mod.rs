@@ -1,20 +1,27 @@
-//! Token sources: the things that know how to obtain and renew a token from an IdP.
-//! The refresher drives them; they never touch the proxy or the token cell directly.
+//! Providers: the things that know how to obtain and renew a token from an IdP.
+//!
+//! [`kinds`] validates a `[providers.<name>]` table of the file schema
+//! ([`crate::schema::ProviderConfig`]) per kind into a [`ProviderSpec`] (each kind in its
+//! own module: keys, validation, identity, construction); [`build`] turns a spec into a
+//! [`TokenSource`], which the refresher drives. Sources never touch the proxy or the token cell directly. Nothing here
+//! imports `config`: config validation calls into this module, not the other way round.
 
 pub mod error;
-pub mod oauth2;
-pub mod presets;
+pub mod kinds;
 pub(crate) mod response;
+pub mod spec;
 pub mod steps;
-pub mod template;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::config::{ProviderSpec, Secret, SourceSpec};
 pub use error::{ErrorClass, FetchError};
+pub use spec::{HttpClientSpec, ProviderKind, ProviderSpec, SourceSpec, Timing};
+
+use crate::secret::Secret;
+use crate::template::Vars;
 
 /// What an IdP returned, before tollgate decides the expiry.
 #[derive(Debug, Clone)]
@@ -28,7 +35,7 @@ pub struct TokenSet {
     pub extras: BTreeMap<String, String>,
     /// Everything the flow extracted (secret): what a refresh flow, upstream headers and
     /// the token store need.
-    pub vars: template::Vars,
+    pub vars: Vars,
 }
 
 #[async_trait]
@@ -61,18 +68,18 @@ pub trait TokenSource: Send + Sync {
 
     /// Run the login steps before the code (e.g. have the IdP send an OTP). Returns what
     /// those steps extracted, to be handed back to [`TokenSource::login_complete`].
-    async fn login_start(&self) -> Result<template::Vars, FetchError> {
+    async fn login_start(&self) -> Result<Vars, FetchError> {
         Err(FetchError::new(ErrorClass::Rejected, "this provider has no login flow"))
     }
 
     /// Finish the login with the human-supplied code.
-    async fn login_complete(&self, pending: &template::Vars, code: &Secret) -> Result<TokenSet, FetchError> {
+    async fn login_complete(&self, pending: &Vars, code: &Secret) -> Result<TokenSet, FetchError> {
         let _ = (pending, code);
         Err(FetchError::new(ErrorClass::Rejected, "this provider has no login flow"))
     }
 
     /// Config values (params and secrets) templates may refer to, for upstream headers.
-    fn config_vars(&self) -> Option<&template::Vars> {
+    fn config_vars(&self) -> Option<&Vars> {
         None
     }
 }
@@ -80,7 +87,7 @@ pub trait TokenSource: Send + Sync {
 /// Build the source a provider spec describes.
 pub fn build(spec: &ProviderSpec) -> Result<Arc<dyn TokenSource>, FetchError> {
     match &spec.source {
-        SourceSpec::OAuth2(o) => Ok(Arc::new(oauth2::OAuth2Source::new(o.clone(), &spec.http)?)),
+        SourceSpec::OAuth2(o) => Ok(Arc::new(kinds::oauth2::OAuth2Source::new(o.clone(), &spec.http)?)),
         SourceSpec::Http(h) => Ok(Arc::new(steps::HttpFlowSource::new(h.clone(), &spec.http)?)),
     }
 }

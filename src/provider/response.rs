@@ -7,7 +7,7 @@ use reqwest::{Response, StatusCode};
 use serde_json::Value;
 
 use super::error::{sanitize_code, ErrorClass, FetchError};
-use crate::config::HttpClientSpec;
+use super::spec::HttpClientSpec;
 
 /// Token responses are small; anything larger is cut off rather than buffered whole.
 pub const MAX_BODY: usize = 256 * 1024;

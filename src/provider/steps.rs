@@ -1,7 +1,7 @@
 //! The declarative step engine: a token flow is a list of HTTP requests whose URLs,
 //! headers and fields are templates over config values, a human-supplied `{code}` and
 //! what earlier steps extracted (by JSON pointer). `kind = "http"` exposes it directly;
-//! the TNID, Etna and Thrill-ID presets are data on top of it (see `presets`).
+//! the TNID, Etna and Thrill-ID presets are data on top of it (see [`super::kinds`]).
 
 use std::collections::BTreeMap;
 
@@ -11,9 +11,10 @@ use serde_json::{Map, Value};
 
 use super::error::{ErrorClass, FetchError};
 use super::response;
-use super::template::{Template, Vars};
+use super::spec::HttpClientSpec;
 use super::{TokenSet, TokenSource};
-use crate::config::{HttpClientSpec, Secret};
+use crate::secret::Secret;
+use crate::template::{Template, Vars};
 
 /// How a step's fields are sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

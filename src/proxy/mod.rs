@@ -22,7 +22,7 @@ use pingora::{Error, ErrorSource, ErrorType};
 use serde_json::json;
 use tracing::warn;
 
-use crate::config::model::AuthorizationPolicy;
+use crate::config::AuthorizationPolicy;
 use crate::gateway::{Gateway, InflightGuard};
 use crate::metrics;
 use crate::token::{ActiveToken, Unavailable};

@@ -21,12 +21,13 @@ use super::coordinate::{self, Ask, Got};
 use super::expiry::{self, Lifetime};
 use super::machine::{Action, Caps, Event, Failure, FetchKind, Machine, Schedule, TokenMeta};
 use super::ActiveToken;
-use crate::config::{ProviderSpec, Secret, Timing};
 use crate::metrics;
-use crate::provider::template::{Template, Vars};
 use crate::provider::{ErrorClass, FetchError, TokenSet, TokenSource};
+use crate::provider::{ProviderSpec, Timing};
+use crate::secret::Secret;
 use crate::store::fleet::{FleetMessage, Lease};
 use crate::store::{Loaded, Saved, StoredToken, TokenStore, Version};
+use crate::template::{Template, Vars};
 
 /// Requests from the admin API. Each is answered once its request to the IdP is done.
 pub enum Command {

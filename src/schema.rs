@@ -1,6 +1,10 @@
-//! The config file's schema, exactly as users write it. Everything here is plain data
-//! with serde derives and `deny_unknown_fields`; meaning is given to it by
-//! [`super::validate`], which turns it into the settings the runtime uses.
+//! The config file's schema, exactly as users write it: the module `crate::schema`.
+//! Everything here is plain data with serde derives and `deny_unknown_fields`; meaning
+//! is given to it by `config::validate` (proxy, admin, store, routes, a provider's timing)
+//! and by [`crate::provider::kinds`] (each provider kind's keys), which turn it into the
+//! settings the runtime uses.
+//!
+//! A leaf, importing neither config nor provider, so that both can read it.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -8,7 +12,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::secret::SecretSource;
+use crate::secret::SecretSource;
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -105,27 +109,16 @@ impl Default for AdminConfig {
     }
 }
 
+/// `kind` as written. The runtime uses [`crate::provider::ProviderKind`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum ProviderKind {
+pub enum ProviderKindConfig {
     Oauth2,
     /// The declarative step engine, for vendors without a preset.
     Http,
     Tnid,
     Etna,
     ThrillId,
-}
-
-impl ProviderKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ProviderKind::Oauth2 => "oauth2",
-            ProviderKind::Http => "http",
-            ProviderKind::Tnid => "tnid",
-            ProviderKind::Etna => "etna",
-            ProviderKind::ThrillId => "thrill_id",
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
@@ -158,47 +151,52 @@ pub struct StepConfig {
     pub extract: BTreeMap<String, String>,
 }
 
+/// `grant` as written (`kind = "oauth2"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Grant {
+pub enum GrantConfig {
     ClientCredentials,
     Password,
 }
 
+/// `encoding` as written (`kind = "oauth2"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Encoding {
+pub enum EncodingConfig {
     #[default]
     Form,
     Json,
 }
 
+/// `client_auth` as written (`kind = "oauth2"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum ClientAuth {
+pub enum ClientAuthConfig {
     #[default]
     ClientSecretPost,
     ClientSecretBasic,
     None,
 }
 
-/// One identity provider. A flat table with a `kind`, validated per kind, rather than a
-/// serde-tagged enum: tagged enums and `flatten` defeat `deny_unknown_fields`, and flat
-/// keys map one-to-one onto `TOLLGATE_PROVIDERS__<NAME>__<KEY>` env overrides.
+/// One identity provider. A flat table with a `kind`, validated per kind (by
+/// [`crate::provider::kinds`], whose modules also say which keys each kind accepts),
+/// rather than a serde-tagged enum: tagged enums and `flatten` defeat
+/// `deny_unknown_fields`, and flat keys map one-to-one onto
+/// `TOLLGATE_PROVIDERS__<NAME>__<KEY>` env overrides.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProviderConfig {
-    pub kind: ProviderKind,
+    pub kind: ProviderKindConfig,
     pub token_url: Option<String>,
-    pub grant: Option<Grant>,
+    pub grant: Option<GrantConfig>,
     pub client_id: Option<String>,
     pub client_secret: Option<SecretSource>,
     pub username: Option<String>,
     pub password: Option<SecretSource>,
     /// Default `form`.
-    pub encoding: Option<Encoding>,
+    pub encoding: Option<EncodingConfig>,
     /// Default `client_secret_post`.
-    pub client_auth: Option<ClientAuth>,
+    pub client_auth: Option<ClientAuthConfig>,
     pub scope: Option<String>,
     pub audience: Option<String>,
     #[serde(default)]
@@ -275,9 +273,11 @@ pub struct ProviderConfig {
     pub two_factor: Option<bool>,
 }
 
+/// A route's `authorization` as written. The runtime uses
+/// [`crate::config::AuthorizationPolicy`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum AuthorizationPolicy {
+pub enum AuthorizationConfig {
     /// Replace whatever the client sent (default; the client never holds credentials).
     #[default]
     Overwrite,
@@ -305,7 +305,7 @@ pub struct RouteConfig {
     #[serde(default = "default_header_prefix")]
     pub header_prefix: String,
     #[serde(default)]
-    pub authorization: AuthorizationPolicy,
+    pub authorization: AuthorizationConfig,
     /// Forward the client's Host header instead of the upstream's authority.
     #[serde(default)]
     pub preserve_host: bool,

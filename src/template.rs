@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use zeroize::Zeroizing;
 
-use crate::config::Secret;
+use crate::secret::Secret;
 
 /// Values a template can refer to: config params and secrets, a human-supplied `code`,
 /// and whatever earlier steps extracted. All are treated as secret.
