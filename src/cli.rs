@@ -200,6 +200,25 @@ pub fn describe(s: &Settings) -> String {
     let _ = match &s.store {
         config::StoreSettings::Memory => writeln!(out, "store: memory"),
         config::StoreSettings::File(p) => writeln!(out, "store: file {}", p.display()),
+        // The password and keys are never printed; only that they are set and how many.
+        config::StoreSettings::Redis(r) => writeln!(
+            out,
+            "store: redis {} user {} password {} key_prefix {} encryption_keys {} lease_ttl {} timeout {}{}",
+            match &r.sentinel {
+                Some(_) => "(via sentinel)".to_string(),
+                None => r.url.clone(),
+            },
+            r.username.as_deref().unwrap_or("(none)"),
+            if r.password.is_some() { crate::secret::REDACTED } else { "(none)" },
+            r.key_prefix,
+            r.encryption_keys.len(),
+            humantime::format_duration(r.lease_ttl),
+            humantime::format_duration(r.timeout),
+            match &r.sentinel {
+                Some(sn) => format!(" sentinel master {} nodes [{}]", sn.master_name, sn.nodes.join(", ")),
+                None => String::new(),
+            },
+        ),
     };
     for r in &s.routes {
         let _ = writeln!(

@@ -34,6 +34,8 @@ pub struct FileConfig {
 pub enum StoreKind {
     Memory,
     File,
+    /// Shared by a fleet of replicas.
+    Redis,
 }
 
 /// Where tokens outlive the process.
@@ -44,6 +46,34 @@ pub struct StoreConfig {
     pub kind: Option<StoreKind>,
     /// Default: `/var/lib/tollgate/tokens.json`.
     pub path: Option<PathBuf>,
+
+    // --- kind = "redis" ---
+    /// `redis://host:port/db` or `rediss://…` (TLS). Without sentinels, the server.
+    pub url: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<SecretSource>,
+    /// Default `tollgate:`; every key tollgate writes starts with it.
+    pub key_prefix: Option<String>,
+    /// AEAD keys (32 bytes, base64): the first seals entries, all of them open entries.
+    #[serde(default)]
+    pub encryption_keys: Vec<SecretSource>,
+    /// How long a refresh lease lives unless renewed (default 10 s).
+    #[serde(default, with = "humantime_serde")]
+    pub lease_ttl: Option<Duration>,
+    /// Bound on every Redis operation (default 1 s).
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    /// Find the primary through Redis Sentinel.
+    pub sentinel: Option<SentinelConfig>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SentinelConfig {
+    /// The monitored master's name (`sentinel monitor <name> …`).
+    pub master: String,
+    /// `redis://host:port` of each sentinel.
+    pub nodes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -27,6 +27,28 @@ pub struct Settings {
 pub enum StoreSettings {
     Memory,
     File(PathBuf),
+    Redis(RedisSettings),
+}
+
+/// A Redis store shared by a fleet of replicas.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedisSettings {
+    /// `redis://` or `rediss://` with host, port and database (no credentials).
+    pub url: String,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub key_prefix: String,
+    pub sentinel: Option<SentinelSettings>,
+    /// 32-byte AEAD keys; the first seals, all open.
+    pub encryption_keys: Vec<Secret>,
+    pub lease_ttl: Duration,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SentinelSettings {
+    pub master_name: String,
+    pub nodes: Vec<String>,
 }
 
 impl Settings {

@@ -12,7 +12,7 @@ use super::settings::*;
 use super::ConfigError;
 use crate::provider::kinds::{self, SpecError};
 use crate::provider::{HttpClientSpec, ProviderKind, ProviderSpec, Timing};
-use crate::schema::{AuthorizationConfig, FileConfig, ProviderConfig, RouteConfig, StoreKind};
+use crate::schema::{AuthorizationConfig, FileConfig, ProviderConfig, RouteConfig, StoreConfig, StoreKind};
 use crate::secret::{Secret, SecretSource};
 
 /// Where the file store lives unless `store.path` says otherwise.
@@ -54,6 +54,24 @@ fn describe_figment(e: figment::Error) -> String {
         })
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// A store encryption key: 32 bytes, base64 (standard alphabet, padding optional). The
+/// reason never quotes the key.
+fn check_aead_key(k: &Secret) -> Result<(), String> {
+    use base64::Engine;
+    let text = k.expose().trim();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(text))
+        .map_err(|_| "is not base64 (generate one with `openssl rand -base64 32`)".to_string())?;
+    let n = bytes.len();
+    let mut bytes = bytes;
+    zeroize::Zeroize::zeroize(&mut bytes);
+    if n != 32 {
+        return Err(format!("decodes to {n} bytes; a key must be 32 bytes (`openssl rand -base64 32`)"));
+    }
+    Ok(())
 }
 
 struct Validator<'a> {
@@ -145,17 +163,7 @@ impl Validator<'_> {
         }
 
         let needs_human = raw.providers.values().any(kinds::needs_human);
-        let store = match (raw.store.kind, needs_human) {
-            (Some(StoreKind::Memory), _) | (None, false) => {
-                if raw.store.path.is_some() {
-                    return Err(self.err("store.path", "is only used with `store.kind = \"file\"`"));
-                }
-                StoreSettings::Memory
-            }
-            (Some(StoreKind::File), _) | (None, true) => {
-                StoreSettings::File(raw.store.path.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_STORE_PATH)))
-            }
-        };
+        let store = self.store(&raw.store, needs_human, &mut watched)?;
 
         Ok(Settings {
             proxy,
@@ -164,6 +172,114 @@ impl Validator<'_> {
             routes,
             watched_files: watched,
             store,
+        })
+    }
+
+    fn store(
+        &self,
+        raw: &StoreConfig,
+        needs_human: bool,
+        watched: &mut Vec<PathBuf>,
+    ) -> Result<StoreSettings, ConfigError> {
+        let kind = raw.kind.unwrap_or(if needs_human { StoreKind::File } else { StoreKind::Memory });
+        let redis_keys: [(&str, bool); 8] = [
+            ("url", raw.url.is_some()),
+            ("username", raw.username.is_some()),
+            ("password", raw.password.is_some()),
+            ("key_prefix", raw.key_prefix.is_some()),
+            ("encryption_keys", !raw.encryption_keys.is_empty()),
+            ("lease_ttl", raw.lease_ttl.is_some()),
+            ("timeout", raw.timeout.is_some()),
+            ("sentinel", raw.sentinel.is_some()),
+        ];
+        if kind != StoreKind::Redis {
+            if let Some((k, _)) = redis_keys.iter().find(|(_, set)| *set) {
+                return Err(self.err(format!("store.{k}"), "is only used with `store.kind = \"redis\"`"));
+            }
+        }
+        if kind != StoreKind::File && raw.path.is_some() {
+            return Err(self.err("store.path", "is only used with `store.kind = \"file\"`"));
+        }
+        Ok(match kind {
+            StoreKind::Memory => StoreSettings::Memory,
+            StoreKind::File => {
+                StoreSettings::File(raw.path.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_STORE_PATH)))
+            }
+            StoreKind::Redis => StoreSettings::Redis(self.redis(raw, watched)?),
+        })
+    }
+
+    fn redis(&self, raw: &StoreConfig, watched: &mut Vec<PathBuf>) -> Result<RedisSettings, ConfigError> {
+        let redis_url = |key: &str, s: &str| -> Result<String, ConfigError> {
+            // The value is not echoed: a URL may carry a password.
+            let u = url::Url::parse(s).map_err(|e| self.err(key, format!("not a valid URL: {e}")))?;
+            if u.scheme() != "redis" && u.scheme() != "rediss" {
+                return Err(self.err(key, format!("scheme `{}` is not supported; use redis or rediss", u.scheme())));
+            }
+            if !u.username().is_empty() || u.password().is_some() {
+                return Err(
+                    self.err(key, "credentials in the URL are not supported (use store.username / store.password)")
+                );
+            }
+            if u.host_str().is_none() {
+                return Err(self.err(key, "the URL has no host"));
+            }
+            Ok(s.to_string())
+        };
+        let sentinel = match &raw.sentinel {
+            None => None,
+            Some(sc) => {
+                if sc.master.is_empty() {
+                    return Err(self.err("store.sentinel.master", "must name the monitored master"));
+                }
+                if sc.nodes.is_empty() {
+                    return Err(self.err("store.sentinel.nodes", "needs at least one sentinel"));
+                }
+                let mut nodes = Vec::new();
+                for (i, n) in sc.nodes.iter().enumerate() {
+                    nodes.push(redis_url(&format!("store.sentinel.nodes.{i}"), n)?);
+                }
+                Some(SentinelSettings { master_name: sc.master.clone(), nodes })
+            }
+        };
+        let url = match (&raw.url, &sentinel) {
+            (Some(u), _) => redis_url("store.url", u)?,
+            // With sentinels, the URL only says TLS and database; the host comes from them.
+            (None, Some(_)) => "redis://sentinel-discovered/0".to_string(),
+            (None, None) => {
+                return Err(self.err("store.url", "is required with `store.kind = \"redis\"` (or `store.sentinel`)"))
+            }
+        };
+        let password = match &raw.password {
+            Some(src) => Some(self.secret("store.password", src, watched)?),
+            None => None,
+        };
+        if raw.encryption_keys.is_empty() {
+            return Err(self.err(
+                "store.encryption_keys",
+                "is required with `store.kind = \"redis\"`: at least one 32-byte key, base64 (e.g. `openssl rand -base64 32`)",
+            ));
+        }
+        let mut encryption_keys = Vec::new();
+        for (i, src) in raw.encryption_keys.iter().enumerate() {
+            let key = format!("store.encryption_keys.{i}");
+            let k = self.secret(&key, src, watched)?;
+            check_aead_key(&k).map_err(|reason| self.err(&key, reason))?;
+            encryption_keys.push(k);
+        }
+        let key_prefix = raw.key_prefix.clone().unwrap_or_else(|| "tollgate:".to_string());
+        if key_prefix.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(self.err("store.key_prefix", "must not contain spaces or control characters"));
+        }
+        Ok(RedisSettings {
+            url,
+            username: raw.username.clone(),
+            password,
+            key_prefix,
+            sentinel,
+            encryption_keys,
+            lease_ttl: self.nonzero("store.lease_ttl", raw.lease_ttl.unwrap_or(Duration::from_secs(10)))?,
+            timeout: self.nonzero("store.timeout", raw.timeout.unwrap_or(Duration::from_secs(1)))?,
         })
     }
 
@@ -401,6 +517,26 @@ mod tests {
     fn admin_on_public_address_needs_token() {
         let e = err(&format!("{BASE}\n[admin]\nlisten = \"0.0.0.0:9090\"\n"));
         assert!(e.contains("admin.listen") && e.contains("admin.token"), "{e}");
+    }
+
+    #[test]
+    fn redis_store_needs_a_valid_key_and_never_echoes_it() {
+        let redis = "\n[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379/0\"\n";
+        let e = err(&format!("{BASE}{redis}"));
+        assert!(e.contains("store.encryption_keys") && e.contains("required"), "{e}");
+        let e = err(&format!("{BASE}{redis}encryption_keys = [\"c2hvcnQta2V5\"]\n"));
+        assert!(e.contains("store.encryption_keys.0") && e.contains("32 bytes") && !e.contains("c2hvcnQta2V5"), "{e}");
+        let key = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+        let s = load_str(&format!("{BASE}{redis}encryption_keys = [\"{key}\"]\n"), Path::new("t.toml")).unwrap();
+        assert!(
+            matches!(s.store, super::StoreSettings::Redis(ref r) if r.lease_ttl == std::time::Duration::from_secs(10))
+        );
+        let e = err(&format!(
+            "{BASE}\n[store]\nkind = \"redis\"\nurl = \"redis://u:pw@127.0.0.1:6379\"\nencryption_keys = [\"{key}\"]\n"
+        ));
+        assert!(e.contains("store.url") && !e.contains("pw@"), "{e}");
+        let e = err(&format!("{BASE}\n[store]\nkind = \"memory\"\nurl = \"redis://127.0.0.1\"\n"));
+        assert!(e.contains("store.url") && e.contains("only used with"), "{e}");
     }
 
     #[test]
