@@ -276,7 +276,7 @@ impl Driver {
                     name: self.name.clone(),
                     key: self.key.clone(),
                     previous: if kind == FetchKind::Refresh { self.previous.clone() } else { None },
-                    held: if current.is_some() { self.version } else { 0 },
+                    held: self.version,
                     held_expiry: current.and_then(|t| t.expires_at).map(unix_of),
                     margin: self.timing.expiry_margin,
                 };
@@ -364,6 +364,8 @@ impl Driver {
                 self.candidate = Some((set, token, origin));
                 self.last_failure = None;
                 self.apply(Event::Fetched(meta), fetch).await;
+                // Normally released by the fenced save; not if the machine refused the token.
+                self.release_lease().await;
                 self.answer(Ok(()));
             }
             Err(e) => {
