@@ -19,5 +19,4 @@ pub mod proxy;
 pub mod reload;
 pub mod server;
 pub mod store;
-pub mod testkit;
 pub mod token;

@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub use tollgate::testkit::idp::{Idp, IdpConfig, Mode};
-pub use tollgate::testkit::upstream::Upstream;
-pub use tollgate::testkit::Ledger;
+pub use tollgate_testkit::idp::{Idp, IdpConfig, Mode};
+pub use tollgate_testkit::upstream::Upstream;
+pub use tollgate_testkit::Ledger;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
 

@@ -18,7 +18,7 @@ use base64::Engine;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
-use super::Ledger;
+use crate::Ledger;
 
 /// How the endpoint behaves right now; tests flip it mid-run.
 #[derive(Debug, Clone, PartialEq)]
@@ -116,7 +116,7 @@ pub struct Idp {
 impl Idp {
     /// Start on an ephemeral loopback port.
     pub async fn start(cfg: IdpConfig, ledger: Ledger) -> std::io::Result<Self> {
-        let (listener, addr) = super::bind_loopback().await?;
+        let (listener, addr) = crate::bind_loopback().await?;
         let inner = Arc::new(Inner {
             client_secret: Mutex::new(cfg.client_secret.clone()),
             cfg,
