@@ -28,5 +28,4 @@ pub mod secret;
 pub mod server;
 pub mod store;
 pub mod template;
-pub mod testkit;
 pub mod token;

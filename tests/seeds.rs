@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::*;
-use tollgate::testkit::seeds::{Etna, EtnaConfig, ThrillConfig, ThrillId, Tnid};
+use tollgate_testkit::seeds::{Etna, EtnaConfig, ThrillConfig, ThrillId, Tnid};
 
 fn config(provider: &str, upstream: &Upstream, route_extra: &str) -> String {
     format!(

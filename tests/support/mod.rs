@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub use tollgate::testkit::idp::{Idp, IdpConfig, Mode};
-pub use tollgate::testkit::upstream::Upstream;
-pub use tollgate::testkit::Ledger;
+pub use tollgate_testkit::idp::{Idp, IdpConfig, Mode};
+pub use tollgate_testkit::upstream::Upstream;
+pub use tollgate_testkit::Ledger;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
 
@@ -30,28 +30,86 @@ pub struct Tollgate {
     pub config_path: PathBuf,
     logs: Arc<Mutex<String>>,
     pub dir: tempfile::TempDir,
+    /// Sent as `Authorization: Bearer …` by [`Tollgate::metrics`] and [`Tollgate::admin_get`].
+    pub admin_token: Option<String>,
 }
 
 impl Tollgate {
-    /// Start with `config`, in which `{PROXY}` and `{ADMIN}` are replaced by free ports
+    /// Start with `config`, in which `{PROXY}` and `{ADMIN}` are replaced by free loopback
+    /// addresses (`{ADMIN_PORT}` by the admin address's port alone, to bind it elsewhere)
     /// and `{DIR}` by a temporary directory.
     pub fn start(config: &str) -> Self {
         Self::start_with_env(config, &[])
     }
 
     pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Self {
+        Self::launch(config, env, false)
+    }
+
+    /// Like [`Tollgate::start`], but the config file is reached through a symlink into a
+    /// directory the file watcher does not watch: an edit made with
+    /// [`Tollgate::write_config`] is applied only by SIGHUP ([`Tollgate::sighup_reload`]),
+    /// so every reload is one the test asked for.
+    pub fn start_sighup_only(config: &str) -> Self {
+        Self::launch(config, &[], true)
+    }
+
+    fn launch(config: &str, env: &[(&str, &str)], sighup_only: bool) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let proxy = free_port();
         let admin = free_port();
         let text = config
             .replace("{PROXY}", &proxy.to_string())
             .replace("{ADMIN}", &admin.to_string())
+            .replace("{ADMIN_PORT}", &admin.port().to_string())
             .replace("{DIR}", &dir.path().display().to_string());
         let config_path = dir.path().join("tollgate.toml");
-        std::fs::write(&config_path, text).expect("write config");
-        let mut t = Tollgate { child: None, proxy, admin, config_path, logs: Arc::new(Mutex::new(String::new())), dir };
+        if sighup_only {
+            let real = dir.path().join("sighup-only");
+            std::fs::create_dir(&real).expect("create config dir");
+            std::fs::write(real.join("tollgate.toml"), text).expect("write config");
+            std::os::unix::fs::symlink(real.join("tollgate.toml"), &config_path).expect("link config");
+        } else {
+            std::fs::write(&config_path, text).expect("write config");
+        }
+        let mut t = Tollgate {
+            child: None,
+            proxy,
+            admin,
+            config_path,
+            logs: Arc::new(Mutex::new(String::new())),
+            dir,
+            admin_token: None,
+        };
         t.spawn(env);
         t
+    }
+
+    /// The config file's current text.
+    pub fn config_text(&self) -> String {
+        std::fs::read_to_string(&self.config_path).expect("read config")
+    }
+
+    /// Rewrite the config file in place (through the symlink of
+    /// [`Tollgate::start_sighup_only`], if any).
+    pub fn write_config(&self, text: &str) {
+        std::fs::write(&self.config_path, text).expect("write config");
+    }
+
+    /// Send SIGHUP and wait (up to 10 s) until `tollgate_config_reload_total` moves, whatever
+    /// the outcome. Returns the metrics text seen after the reload.
+    pub async fn sighup_reload(&self) -> String {
+        let before = reload_total(&self.metrics().await);
+        self.signal("HUP");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let m = self.metrics().await;
+            if reload_total(&m) > before {
+                return m;
+            }
+            assert!(Instant::now() < deadline, "SIGHUP caused no reload within 10 s; logs:\n{}", self.logs());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     fn spawn(&mut self, env: &[(&str, &str)]) {
@@ -167,7 +225,18 @@ impl Tollgate {
     }
 
     pub async fn metrics(&self) -> String {
-        client().get(self.admin_url("/metrics")).send().await.expect("metrics").text().await.expect("metrics body")
+        let r = self.admin_get("/metrics").await;
+        assert_eq!(r.status(), 200, "GET /metrics");
+        r.text().await.expect("metrics body")
+    }
+
+    /// GET an admin path, with the admin token when [`Tollgate::admin_token`] is set.
+    pub async fn admin_get(&self, path: &str) -> reqwest::Response {
+        let mut req = client().get(self.admin_url(path));
+        if let Some(t) = &self.admin_token {
+            req = req.bearer_auth(t);
+        }
+        req.send().await.expect("admin request")
     }
 
     /// The value of one metric series (exact label text), or 0.
@@ -191,6 +260,15 @@ pub fn metric_value(text: &str, series: &str) -> f64 {
             l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok())
         })
         .unwrap_or(0.0)
+}
+
+/// The sum of `tollgate_config_reload_total` over every outcome.
+pub fn reload_total(metrics: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("tollgate_config_reload_total{"))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.trim().parse::<f64>().ok()))
+        .sum()
 }
 
 /// A client that does not follow redirects and uses no proxy from the environment.
@@ -244,8 +322,8 @@ provider = "backend"
     )
 }
 
-/// Client traffic until stopped, for at most 20 s and 4000 requests; counts answers
-/// other than 200 and keeps the first few.
+/// Client traffic until stopped, for at most 20 s and 4000 requests (or the limits given
+/// to [`Traffic::start_bounded`]); counts answers other than 200 and keeps the first few.
 pub struct Traffic {
     stop: Arc<AtomicBool>,
     ok: Arc<AtomicU32>,
@@ -255,6 +333,10 @@ pub struct Traffic {
 
 impl Traffic {
     pub fn start(tg: &Tollgate) -> Self {
+        Self::start_bounded(tg, Duration::from_secs(20), 4000)
+    }
+
+    pub fn start_bounded(tg: &Tollgate, max_time: Duration, max_requests: u32) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let ok = Arc::new(AtomicU32::new(0));
         let bad = Arc::new(AtomicU32::new(0));
@@ -265,7 +347,7 @@ impl Traffic {
             let mut firsts = Vec::new();
             let started = Instant::now();
             let mut sent = 0;
-            while !s.load(Ordering::SeqCst) && started.elapsed() < Duration::from_secs(20) && sent < 4000 {
+            while !s.load(Ordering::SeqCst) && started.elapsed() < max_time && sent < max_requests {
                 sent += 1;
                 let failure = match c.get(&url).send().await {
                     Ok(r) if r.status() == 200 => None,

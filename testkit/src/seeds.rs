@@ -20,7 +20,7 @@ use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use super::Ledger;
+use crate::Ledger;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -39,7 +39,7 @@ fn otp() -> String {
 }
 
 async fn serve(app: Router) -> std::io::Result<SocketAddr> {
-    let (listener, addr) = super::bind_loopback().await?;
+    let (listener, addr) = crate::bind_loopback().await?;
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });

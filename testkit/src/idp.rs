@@ -1,8 +1,14 @@
 //! An OAuth2 token endpoint double. It follows RFC 6749 (form bodies) and seed 002's
 //! `/oauth/v2/token` (JSON bodies) and rejects what a real server would reject: a wrong
 //! content type, a missing field, wrong client credentials, an unknown refresh token.
+//!
+//! Refresh tokens rotate: each refresh_token grant answers with a new refresh token and
+//! the old one is spent. With [`IdpConfig::reuse_detection`] it also does what real IdPs
+//! do against stolen refresh tokens (RFC 9700 section 4.14.2): a spent refresh token that
+//! comes back is taken as a theft, answered `invalid_grant`, and every refresh and access
+//! token of its family (all descending from one original grant) is revoked.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,7 +24,7 @@ use base64::Engine;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
-use super::Ledger;
+use crate::Ledger;
 
 /// How the endpoint behaves right now; tests flip it mid-run.
 #[derive(Debug, Clone, PartialEq)]
@@ -55,6 +61,8 @@ pub struct IdpConfig {
     pub refresh_tokens: bool,
     /// A prefix for issued tokens, to recognise them in leak checks.
     pub token_prefix: String,
+    /// Remember spent refresh tokens; one presented again revokes its whole family.
+    pub reuse_detection: bool,
 }
 
 impl Default for IdpConfig {
@@ -69,6 +77,7 @@ impl Default for IdpConfig {
             send_expires_in: true,
             refresh_tokens: true,
             token_prefix: "tok".into(),
+            reuse_detection: false,
         }
     }
 }
@@ -97,8 +106,9 @@ struct Inner {
     mode: Mutex<Mode>,
     reject_refresh: std::sync::atomic::AtomicBool,
     seen: Mutex<Vec<SeenRequest>>,
-    refresh_tokens: Mutex<HashMap<String, ()>>,
+    refresh_tokens: Mutex<Families>,
     counter: AtomicU64,
+    invalid_grants: AtomicU64,
     delay: Mutex<Duration>,
     /// One-time passwords "mailed" by `/otp/send`, by email or phone.
     otps: Mutex<HashMap<String, String>>,
@@ -116,7 +126,7 @@ pub struct Idp {
 impl Idp {
     /// Start on an ephemeral loopback port.
     pub async fn start(cfg: IdpConfig, ledger: Ledger) -> std::io::Result<Self> {
-        let (listener, addr) = super::bind_loopback().await?;
+        let (listener, addr) = crate::bind_loopback().await?;
         let inner = Arc::new(Inner {
             client_secret: Mutex::new(cfg.client_secret.clone()),
             cfg,
@@ -124,8 +134,9 @@ impl Idp {
             mode: Mutex::new(Mode::Normal),
             reject_refresh: Default::default(),
             seen: Mutex::new(Vec::new()),
-            refresh_tokens: Mutex::new(HashMap::new()),
+            refresh_tokens: Mutex::new(Families::default()),
             counter: AtomicU64::new(0),
+            invalid_grants: AtomicU64::new(0),
             delay: Mutex::new(Duration::ZERO),
             otps: Mutex::new(HashMap::new()),
             otp_sends: AtomicU64::new(0),
@@ -222,7 +233,18 @@ impl Idp {
 
     /// Refresh tokens issued and not yet used (one at a time with rotation).
     pub fn live_refresh_tokens(&self) -> Vec<String> {
-        lock(&self.inner.refresh_tokens).keys().cloned().collect()
+        lock(&self.inner.refresh_tokens).live()
+    }
+
+    /// Requests answered with `invalid_grant`, for whatever reason (a wrong password, a
+    /// spent or unknown refresh token, [`Idp::reject_refresh`], a [`Mode::Status`]).
+    pub fn invalid_grant_count(&self) -> u64 {
+        self.inner.invalid_grants.load(Ordering::SeqCst)
+    }
+
+    /// Token families revoked because a spent refresh token was presented again.
+    pub fn families_revoked(&self) -> u64 {
+        lock(&self.inner.refresh_tokens).revoked.len() as u64
     }
 
     pub fn otp_sends(&self) -> u64 {
@@ -256,8 +278,70 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Refresh tokens by family. A family starts with a grant that issues a refresh token
+/// (password) and grows with every refresh_token grant made with one of its tokens.
+#[derive(Default)]
+struct Families {
+    /// Refresh token → (family, spent). Spent tokens are kept only with reuse detection.
+    refresh: HashMap<String, (u64, bool)>,
+    /// Family → the access tokens issued in it.
+    access: HashMap<u64, Vec<String>>,
+    next_family: u64,
+    /// Families revoked for a reused refresh token: nothing more is issued in them.
+    revoked: HashSet<u64>,
+}
+
+/// What a presented refresh token turned out to be.
+enum Presented {
+    /// Live: now spent; the new tokens join this family.
+    Live(u64),
+    /// Never issued, or revoked with its family.
+    Unknown,
+    /// Spent before: its family is now revoked.
+    Reused,
+}
+
+impl Families {
+    fn live(&self) -> Vec<String> {
+        self.refresh.iter().filter(|(_, (_, spent))| !spent).map(|(rt, _)| rt.clone()).collect()
+    }
+
+    fn new_family(&mut self) -> u64 {
+        self.next_family += 1;
+        self.next_family
+    }
+
+    fn present(&mut self, rt: &str, reuse_detection: bool, ledger: &Ledger) -> Presented {
+        match self.refresh.get(rt).copied() {
+            None => Presented::Unknown,
+            Some((family, false)) => {
+                if reuse_detection {
+                    self.refresh.insert(rt.to_string(), (family, true));
+                } else {
+                    self.refresh.remove(rt);
+                }
+                Presented::Live(family)
+            }
+            Some((family, true)) => {
+                self.refresh.retain(|_, (f, _)| *f != family);
+                for access in self.access.remove(&family).unwrap_or_default() {
+                    ledger.revoke(&access);
+                }
+                self.revoked.insert(family);
+                Presented::Reused
+            }
+        }
+    }
+}
+
 fn oauth_error(status: StatusCode, code: &str) -> Response {
     (status, Json(json!({"error": code, "error_description": format!("double says {code}")}))).into_response()
+}
+
+/// A 400 `invalid_grant`, counted.
+fn invalid_grant(s: &Inner) -> Response {
+    s.invalid_grants.fetch_add(1, Ordering::SeqCst);
+    oauth_error(StatusCode::BAD_REQUEST, "invalid_grant")
 }
 
 /// Parse the body as the content type says; a body in the wrong encoding is a 400 as a
@@ -320,6 +404,9 @@ async fn token(State(s): State<Arc<Inner>>, headers: HeaderMap, body: Bytes) -> 
     match mode {
         Mode::Normal => {}
         Mode::Status(code, err) => {
+            if err == "invalid_grant" {
+                s.invalid_grants.fetch_add(1, Ordering::SeqCst);
+            }
             return oauth_error(StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), err);
         }
         Mode::Hang => {
@@ -348,8 +435,9 @@ async fn token(State(s): State<Arc<Inner>>, headers: HeaderMap, body: Bytes) -> 
     if !client_ok(&s.cfg, &secret, auth.as_deref(), &p) {
         return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client");
     }
-    let with_refresh = match p.get("grant_type").map(String::as_str) {
-        Some("client_credentials") => false,
+    // The family the new tokens join; `None`: no refresh token is issued.
+    let family = match p.get("grant_type").map(String::as_str) {
+        Some("client_credentials") => None,
         Some("password") => {
             let (Some(u), Some(pw)) = (p.get("username"), p.get("password")) else {
                 return oauth_error(StatusCode::BAD_REQUEST, "invalid_request");
@@ -357,25 +445,35 @@ async fn token(State(s): State<Arc<Inner>>, headers: HeaderMap, body: Bytes) -> 
             // The password, or a one-time password from /otp/send (single use).
             let otp_ok = lock(&s.otps).get(u) == Some(pw);
             if s.cfg.username.as_ref() != Some(u) || (s.cfg.password.as_ref() != Some(pw) && !otp_ok) {
-                return oauth_error(StatusCode::BAD_REQUEST, "invalid_grant");
+                return invalid_grant(&s);
             }
             if otp_ok {
                 lock(&s.otps).remove(u);
             }
-            s.cfg.refresh_tokens
+            s.cfg.refresh_tokens.then(|| lock(&s.refresh_tokens).new_family())
         }
         Some("refresh_token") => {
             let Some(rt) = p.get("refresh_token") else {
                 return oauth_error(StatusCode::BAD_REQUEST, "invalid_request");
             };
-            if s.reject_refresh.load(Ordering::SeqCst) || lock(&s.refresh_tokens).remove(rt).is_none() {
-                return oauth_error(StatusCode::BAD_REQUEST, "invalid_grant");
+            if s.reject_refresh.load(Ordering::SeqCst) {
+                return invalid_grant(&s);
             }
-            true
+            match lock(&s.refresh_tokens).present(rt, s.cfg.reuse_detection, &s.ledger) {
+                Presented::Live(family) => Some(family),
+                Presented::Unknown | Presented::Reused => return invalid_grant(&s),
+            }
         }
         Some(_) => return oauth_error(StatusCode::BAD_REQUEST, "unsupported_grant_type"),
         None => return oauth_error(StatusCode::BAD_REQUEST, "invalid_request"),
     };
+    // Held while issuing, so that a concurrent revocation of the family either sees the
+    // new tokens (and revokes them) or comes first (and nothing is issued).
+    let mut families = lock(&s.refresh_tokens);
+    if family.is_some_and(|f| families.revoked.contains(&f)) {
+        drop(families);
+        return invalid_grant(&s);
+    }
     let n = s.counter.fetch_add(1, Ordering::SeqCst) + 1;
     let access = format!("{}-{n}-{:016x}", s.cfg.token_prefix, fastrand::u64(..));
     s.ledger.issue(&access, Some(Instant::now() + s.cfg.lifetime));
@@ -385,10 +483,12 @@ async fn token(State(s): State<Arc<Inner>>, headers: HeaderMap, body: Bytes) -> 
     } else if s.cfg.send_expires_in {
         body["expires_in"] = json!(s.cfg.lifetime.as_secs());
     }
-    if with_refresh {
+    if let Some(family) = family {
         let rt = format!("rt-{n}-{:016x}", fastrand::u64(..));
-        lock(&s.refresh_tokens).insert(rt.clone(), ());
+        families.refresh.insert(rt.clone(), (family, false));
+        families.access.entry(family).or_default().push(access.clone());
         body["refresh_token"] = json!(rt);
     }
+    drop(families);
     (StatusCode::OK, Json(body)).into_response()
 }

@@ -1,6 +1,9 @@
 //! `tollgate demo`: the product working in one command. A token-endpoint double (seed
 //! 002's JSON `/oauth/v2/token`, tokens living 20 s) and an echo upstream that accepts
-//! only current tokens run on loopback; tollgate runs in front with an embedded config.
+//! only current tokens run on loopback ([`doubles`]); tollgate runs in front with an
+//! embedded config.
+
+pub mod doubles;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -8,9 +11,6 @@ use std::time::Duration;
 
 use crate::config;
 use crate::server::{self, RunError};
-use crate::testkit::idp::{Idp, IdpConfig};
-use crate::testkit::upstream::Upstream;
-use crate::testkit::Ledger;
 
 /// The embedded config; `{…}` placeholders are filled with the doubles' ports.
 pub const DEMO_CONFIG: &str = r#"
@@ -25,8 +25,8 @@ listen = "{admin}"
 kind = "oauth2"
 token_url = "{token_url}"
 grant = "client_credentials"
-client_id = "demo-client"
-client_secret = "demo-secret-not-for-production"
+client_id = "{client_id}"
+client_secret = "{client_secret}"
 encoding = "json"
 refresh_before = "5s"
 
@@ -36,6 +36,10 @@ path_prefix = "/"
 upstream = "{upstream}"
 provider = "demo"
 "#;
+
+/// The demo client's credentials, known to both the embedded config and the double.
+const DEMO_CLIENT_ID: &str = "demo-client";
+const DEMO_CLIENT_SECRET: &str = "demo-secret-not-for-production";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
@@ -49,29 +53,16 @@ pub enum DemoError {
 
 pub fn run(listen: SocketAddr, admin: SocketAddr, lifetime: Duration) -> Result<(), DemoError> {
     let rt = server::control_runtime()?;
-    let ledger = Ledger::default();
-    let (idp, upstream) = rt
-        .block_on(async {
-            let idp = Idp::start(
-                IdpConfig {
-                    client_id: "demo-client".into(),
-                    client_secret: "demo-secret-not-for-production".into(),
-                    lifetime,
-                    token_prefix: "demo".into(),
-                    ..IdpConfig::default()
-                },
-                ledger.clone(),
-            )
-            .await?;
-            let upstream = Upstream::start(Some(ledger.clone())).await?;
-            Ok::<_, std::io::Error>((idp, upstream))
-        })
-        .map_err(DemoError::Double)?;
+    // The doubles' tasks run on the control runtime, which lives as long as the process.
+    let doubles =
+        rt.block_on(doubles::start(DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, lifetime)).map_err(DemoError::Double)?;
     let toml = DEMO_CONFIG
         .replace("{listen}", &listen.to_string())
         .replace("{admin}", &admin.to_string())
-        .replace("{token_url}", &idp.url())
-        .replace("{upstream}", &upstream.url());
+        .replace("{client_id}", DEMO_CLIENT_ID)
+        .replace("{client_secret}", DEMO_CLIENT_SECRET)
+        .replace("{token_url}", &doubles.token_url)
+        .replace("{upstream}", &doubles.upstream_url);
     let settings = config::load_str(&toml, Path::new("<embedded demo config>"))?;
     println!(
         r#"tollgate demo
@@ -88,12 +79,10 @@ Try, in another terminal:
   for i in $(seq 6); do curl -s http://{listen}/ | grep -o 'Bearer demo-[0-9]*'; sleep 5; done   # a new token before each expiry
 Stop with Ctrl-C.
 "#,
-        up = upstream.url(),
-        idp = idp.url(),
+        up = doubles.upstream_url,
+        idp = doubles.token_url,
         life = lifetime.as_secs(),
     );
-    // Keep the doubles' handles alive for the life of the process.
-    std::mem::forget((idp, upstream));
     server::run(settings, None, rt)?;
     Ok(())
 }

@@ -1,7 +1,12 @@
-//! Test doubles that speak real HTTP on loopback: an OAuth2 token endpoint (RFC 6749 form
-//! bodies and seed 002's JSON bodies) and an upstream that records what it received and
-//! accepts only tokens the token endpoint issued. `tollgate demo` runs them for a first
-//! look; the integration tests drive their failure modes.
+//! Test doubles that speak real HTTP on loopback, for tollgate's integration tests: an
+//! OAuth2 token endpoint (RFC 6749 form bodies and seed 002's JSON bodies, with failure
+//! modes and rotating refresh tokens), doubles of the seed systems, and an upstream that
+//! records what it received and accepts only tokens the token endpoint issued.
+//!
+//! A dev-only crate of the workspace (`publish = false`): it is never compiled into the
+//! tollgate library or binary, and it does not depend on tollgate, so a double cannot
+//! share a mistake with the client it tests. (`tollgate demo` has its own, much smaller
+//! double in `src/demo/`.)
 
 pub mod idp;
 pub mod seeds;

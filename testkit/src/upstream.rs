@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use super::Ledger;
+use crate::Ledger;
 
 /// One request as the upstream saw it.
 #[derive(Debug, Clone)]
@@ -61,7 +61,7 @@ impl Upstream {
 
     /// Like [`Upstream::start`], also requiring these headers on every request.
     pub async fn start_requiring(ledger: Option<Ledger>, required: Vec<(String, String)>) -> std::io::Result<Self> {
-        let (listener, addr) = super::bind_loopback().await?;
+        let (listener, addr) = crate::bind_loopback().await?;
         let inner = Arc::new(Inner { ledger, seen: Mutex::new(Vec::new()), force_401: AtomicU32::new(0), required });
         let app = axum::Router::new().fallback(handle).with_state(Arc::clone(&inner));
         tokio::spawn(async move {
