@@ -197,6 +197,11 @@ impl Gateway {
         Ok(summary)
     }
 
+    /// The token store (for the admin API: what it is and whether a shared one is reachable).
+    pub fn store(&self) -> &Arc<dyn TokenStore> {
+        &self.store
+    }
+
     pub fn inflight(&self) -> usize {
         self.inflight.load(Ordering::Acquire)
     }

@@ -64,7 +64,15 @@ pub(crate) fn describe(h: &ProviderHandle) -> Value {
 
 pub(super) async fn list(State(gw): State<Arc<Gateway>>) -> Json<Value> {
     let active = gw.snapshot();
-    Json(json!({"providers": active.providers.values().map(|h| describe(h)).collect::<Vec<_>>()}))
+    let store = gw.store();
+    Json(json!({
+        "providers": active.providers.values().map(|h| describe(h)).collect::<Vec<_>>(),
+        "store": {
+            "kind": store.describe(),
+            // A shared store: whether the last operation reached it (else replicas fetch alone).
+            "shared_reachable": store.fleet().map(|f| f.healthy()),
+        },
+    }))
 }
 
 pub(super) async fn one(State(gw): State<Arc<Gateway>>, Path(name): Path<String>) -> Response {
