@@ -172,9 +172,11 @@ check "Dockerfile: multi-stage rust:bookworm -> distroless, --locked, non-root n
 # ---------------------------------------------------------------------------
 # docker compose
 # ---------------------------------------------------------------------------
-compose_schema() { need check-jsonschema && check-jsonschema --schemafile schemas/compose-spec.json compose/compose.yaml; }
-check "compose: compose.yaml validates against the compose-spec schema (deploy/schemas/compose-spec.json)" compose_schema
-check "compose: secrets as files with placeholders, config mount, stop_grace_period > shutdown_timeout, app calls http://tollgate:<proxy port>, loopback-only ports" \
+compose_schema() { need check-jsonschema && check-jsonschema --schemafile schemas/compose-spec.json "$@"; }
+check "compose: compose.yaml validates against the compose-spec schema (deploy/schemas/compose-spec.json)" \
+  compose_schema compose/compose.yaml
+check "compose: compose.fleet.yaml validates against the compose-spec schema" compose_schema compose/compose.fleet.yaml
+check "compose: secrets as files with placeholders, config mount, stop_grace_period > shutdown_timeout, app calls http://tollgate:<proxy port>, loopback-only ports; fleet: N replicas with a port range each, redis service pinned with healthcheck and requirepass from the secret tollgate sends, config = tollgate.toml + [store] kind = \"redis\", store key placeholder unusable" \
   "$PY" checks.py compose
 
 # ---------------------------------------------------------------------------
@@ -189,6 +191,10 @@ k8s_validate() {  # k8s_validate FILE...: strict schema validation for every ver
 }
 K8S_BASE=(k8s/base/configmap.yaml k8s/base/secret.yaml k8s/base/deployment.yaml)
 check "k8s: base manifests pass kubernetes-validate --strict for ${K8S_VERSIONS[*]}" k8s_validate "${K8S_BASE[@]}"
+# The fleet overlay's own resources (its patches are checked in the rendering below).
+K8S_FLEET=(k8s/overlays/fleet/secret-store.yaml k8s/overlays/fleet/redis.yaml k8s/overlays/fleet/networkpolicy.yaml)
+check "k8s: overlays/fleet resources (Secret, Valkey Deployment + Service, NetworkPolicy) pass kubernetes-validate --strict for ${K8S_VERSIONS[*]}" \
+  k8s_validate "${K8S_FLEET[@]}"
 
 KUSTOMIZE=()
 if command -v kustomize >/dev/null 2>&1; then
@@ -202,7 +208,7 @@ render_and_validate() {  # render_and_validate DIR: kustomize build, then valida
   "${KUSTOMIZE[@]}" "$1" >"$out" || return 1
   k8s_validate "$out"
 }
-for dir in k8s k8s/overlays/podmonitor k8s/overlays/scrape-annotations; do
+for dir in k8s k8s/overlays/podmonitor k8s/overlays/scrape-annotations k8s/overlays/fleet; do
   if [ "${#KUSTOMIZE[@]}" -gt 0 ]; then
     check "k8s: ${KUSTOMIZE[*]} $dir renders and passes kubernetes-validate --strict (PodMonitor is a CRD: checked below)" \
       render_and_validate "$dir"
@@ -210,8 +216,12 @@ for dir in k8s k8s/overlays/podmonitor k8s/overlays/scrape-annotations; do
     echo "skip: kustomize build $dir (neither kustomize nor kubectl installed; resource lists are still checked below)"
   fi
 done
-check "k8s: native sidecar, /readyz startup+readiness and /healthz liveness on the admin port, restricted securityContext, requests+limits, Secret files, emptyDir store, grace period, PodMonitor and scrape annotations" \
-  "$PY" checks.py k8s
+# The fleet checks read kustomize's rendering when there is one (else checks.py
+# applies the overlay's patches itself).
+FLEET_RENDERED=()
+if [ -s "$WORK/rendered-fleet.yaml" ]; then FLEET_RENDERED=("$WORK/rendered-fleet.yaml"); fi
+check "k8s: native sidecar, /readyz startup+readiness and /healthz liveness on the admin port, restricted securityContext, requests+limits, Secret files, emptyDir store, grace period, PodMonitor and scrape annotations; fleet: replicas, no emptyDir store, config = base + [store] kind = \"redis\", store.url -> ClusterIP Service -> one Valkey (Recreate, pinned, probes, restricted) whose requirepass is the Secret key tollgate sends, NetworkPolicy, store key placeholder unusable" \
+  "$PY" checks.py k8s "${FLEET_RENDERED[@]}"
 
 # ---------------------------------------------------------------------------
 # Prometheus
@@ -352,6 +362,19 @@ check_metrics() {  # the /metrics answer fetched by live_checks
   need promtool && promtool check metrics <"$WORK/metrics.txt"
 }
 
+refuses_placeholder_key() {  # refuses_placeholder_key CONFIG
+  local out placeholder
+  placeholder="$(head -n 1 compose/secrets/store-key)"
+  if out="$("$BIN" check --config "$1" 2>&1)"; then
+    echo "tollgate check accepted the placeholder key:"
+    echo "$out"
+    return 1
+  fi
+  echo "$out"
+  grep -q 'store\.encryption_keys\.0' <<<"$out" || { echo "the error does not name store.encryption_keys.0"; return 1; }
+  if grep -qF -- "$placeholder" <<<"$out"; then echo "the error echoes the key file's content"; return 1; fi
+}
+
 live_checks() {
   if [ -z "$BIN" ]; then
     echo "skip: live checks (no tollgate binary given: bash deploy/check.sh <path-to-tollgate>)"
@@ -374,6 +397,16 @@ live_checks() {
   else
     fail "live: extracting the example configs"
     indent <<<"$cfgs"
+  fi
+  # The committed store-key placeholder is refused (not a 32-byte key), and
+  # the refusal names the key without echoing the value.
+  local pcfg
+  if pcfg="$("$PY" checks.py placeholder-key-config "$WORK/configs-placeholders" 2>&1)"; then
+    check "live: tollgate check refuses the fleet config with the placeholder secrets/store-key, naming store.encryption_keys.0 without echoing it" \
+      refuses_placeholder_key "$pcfg"
+  else
+    fail "live: writing the fleet config with the placeholder store key"
+    indent <<<"$pcfg"
   fi
 
   local ports proxy_port admin_port
