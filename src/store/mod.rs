@@ -21,12 +21,12 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+pub use self::redis::{RedisSettings, RedisStore, SentinelSettings};
 use crate::config::StoreSettings;
 pub use entries::PURGE_AFTER;
 pub use file::FileStore;
 pub use fleet::{Fleet, FleetMessage, Lease};
 pub use memory::MemoryStore;
-pub use self::redis::{RedisSettings, RedisStore, SentinelSettings};
 
 /// Per-entry version for compare-and-swap. 0 means "no entry".
 pub type Version = u64;

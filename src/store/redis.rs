@@ -182,7 +182,9 @@ pub fn validate_url(url: &str) -> Result<(), String> {
     if parsed.host_str().is_none_or(str::is_empty) {
         return Err("names no host".into());
     }
-    url.into_connection_info().map(|_| ()).map_err(|_| "is not a Redis URL (redis://[user:password@]host:port/db)".into())
+    url.into_connection_info()
+        .map(|_| ())
+        .map_err(|_| "is not a Redis URL (redis://[user:password@]host:port/db)".into())
 }
 
 /// A URL with its password replaced, for logs and `describe`.
@@ -242,8 +244,17 @@ struct Link {
 }
 
 enum Target {
-    Direct(Client),
-    Sentinel { sentinel: tokio::sync::Mutex<Sentinel>, master: String, node: SentinelNodeConnectionInfo },
+    Direct(Box<Client>),
+    Sentinel(Box<SentinelTarget>),
+}
+
+struct SentinelTarget {
+    sentinel: tokio::sync::Mutex<Sentinel>,
+    master: String,
+    node: SentinelNodeConnectionInfo,
+    /// The sentinels again, for the message task's check of where the master is.
+    watch: Vec<Client>,
+    watch_conn: tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
 }
 
 impl Link {
@@ -254,13 +265,44 @@ impl Link {
     /// A client for the node that takes writes now.
     async fn client(&self) -> Result<Client, RedisError> {
         match &self.target {
-            Target::Direct(client) => Ok(client.clone()),
-            Target::Sentinel { sentinel, master, node } => {
+            Target::Direct(client) => Ok((**client).clone()),
+            Target::Sentinel(t) => {
+                let SentinelTarget { sentinel, master, node, .. } = &**t;
                 let client = sentinel.lock().await.async_master_for(master, Some(node)).await?;
                 debug!(master = %addr_text(client.get_connection_info().addr()), "redis store: sentinels name the master");
                 Ok(client)
             }
         }
+    }
+
+    /// With Sentinel: the master's address as the first sentinel that answers names it
+    /// now. After a failover the old master takes writes until the sentinels demote it
+    /// (seconds later), so a connection to it must be dropped as soon as they switch.
+    async fn named_master(&self) -> Option<(String, u16)> {
+        let Target::Sentinel(t) = &self.target else {
+            return None;
+        };
+        let SentinelTarget { master, watch, watch_conn, .. } = &**t;
+        let mut cached = watch_conn.lock().await;
+        for attempt in 0..=watch.len() {
+            let conn = match cached.as_mut() {
+                Some(c) => c,
+                None => {
+                    let client = watch.get(attempt.min(watch.len().saturating_sub(1)))?;
+                    match client.get_multiplexed_async_connection().await {
+                        Ok(c) => cached.insert(c),
+                        Err(_) => continue,
+                    }
+                }
+            };
+            let named: Result<Option<(String, u16)>, _> =
+                redis::cmd("SENTINEL").arg("GET-MASTER-ADDR-BY-NAME").arg(master).query_async(conn).await;
+            match named {
+                Ok(addr) => return addr,
+                Err(_) => *cached = None,
+            }
+        }
+        None
     }
 
     async fn conn(&self) -> Result<(u64, ConnectionManager), RedisError> {
@@ -313,6 +355,13 @@ fn addr_text(addr: &ConnectionAddr) -> String {
         ConnectionAddr::Unix(path) => path.display().to_string(),
         #[allow(unreachable_patterns)]
         _ => "?".into(),
+    }
+}
+
+fn host_port(addr: &ConnectionAddr) -> Option<(String, u16)> {
+    match addr {
+        ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. } => Some((host.clone(), *port)),
+        _ => None,
     }
 }
 
@@ -513,26 +562,31 @@ impl RedisStore {
             None => {
                 let describe = format!("redis {} db {db}", addr_text(info.addr()));
                 let client = Client::open(info.set_redis_settings(redis_info)).map_err(|_| bad_url("url"))?;
-                (Target::Direct(client), describe)
+                (Target::Direct(Box::new(client)), describe)
             }
             Some(s) => {
                 let mut nodes = Vec::with_capacity(s.nodes.len());
                 for (i, n) in s.nodes.iter().enumerate() {
-                    let node = n.as_str().into_connection_info().map_err(|_| bad_url(&format!("sentinel node {}", i + 1)))?;
+                    let node =
+                        n.as_str().into_connection_info().map_err(|_| bad_url(&format!("sentinel node {}", i + 1)))?;
                     nodes.push(node);
                 }
                 let shown: Vec<String> = nodes.iter().map(|n| addr_text(n.addr())).collect();
                 let describe = format!("redis sentinel master `{}` via {} db {db}", s.master_name, shown.join(", "));
+                let watch = nodes.iter().map(|n| Client::open(n.clone())).collect::<Result<Vec<_>, _>>();
+                let watch = watch.map_err(|_| bad_url("sentinel.nodes"))?;
                 let sentinel = Sentinel::build(nodes).map_err(|_| bad_url("sentinel.nodes"))?;
                 let mut node = SentinelNodeConnectionInfo::default().set_redis_connection_info(redis_info);
                 if let ConnectionAddr::TcpTls { insecure, .. } = info.addr() {
                     node = node.set_tls_mode(if *insecure { redis::TlsMode::Insecure } else { redis::TlsMode::Secure });
                 }
-                let target = Target::Sentinel {
+                let target = Target::Sentinel(Box::new(SentinelTarget {
                     sentinel: tokio::sync::Mutex::new(sentinel),
                     master: s.master_name.clone(),
                     node,
-                };
+                    watch,
+                    watch_conn: tokio::sync::Mutex::new(None),
+                }));
                 (target, describe)
             }
         };
@@ -585,7 +639,9 @@ impl RedisStore {
 
     /// One round trip (PING), for `tollgate check` and the admin API.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        self.run("ping", |mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await }).await.map(|_| ())
+        self.run("ping", |mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await })
+            .await
+            .map(|_| ())
     }
 
     fn key(&self, kind: &str, key: &str) -> String {
@@ -617,7 +673,10 @@ impl RedisStore {
             Ok(plain) => match serde_json::from_slice(&plain) {
                 Ok(v) => Some(v),
                 Err(_) => {
-                    warn!(key, kind, "redis store: a sealed record opened but is not what tollgate writes; treated as absent");
+                    warn!(
+                        key,
+                        kind, "redis store: a sealed record opened but is not what tollgate writes; treated as absent"
+                    );
                     None
                 }
             },
@@ -746,8 +805,8 @@ impl RedisStore {
 impl TokenStore for RedisStore {
     async fn load(&self, key: &str) -> Result<Option<Loaded>, StoreError> {
         let entry = self.key("token", key);
-        let (version, record): (Option<Vec<u8>>, Option<Vec<u8>>) = self
-            .run("load", |mut c| async move {
+        let (version, record): (Option<Vec<u8>>, Option<Vec<u8>>) =
+            self.run("load", |mut c| async move {
                 redis::cmd("HMGET").arg(entry).arg("v").arg("s").query_async(&mut c).await
             })
             .await?;
@@ -758,6 +817,9 @@ impl TokenStore for RedisStore {
         Ok(self.open_json::<StoredToken>("token", key, &record).map(|token| Loaded { token, version }))
     }
 
+    /// Compare-and-swap as for the other stores; a write is announced as `Written`. An
+    /// entry that does not open (unknown key, other identity) counts as absent: a save
+    /// with `expected == 0` replaces it.
     async fn save(&self, key: &str, token: &StoredToken, expected: Version) -> Result<Saved, StoreError> {
         let sealed = self.seal_json("token", key, token)?;
         let ttl = entry_ttl_ms(token, super::unix_now());
@@ -788,6 +850,8 @@ impl TokenStore for RedisStore {
         Ok(Saved::Conflict(None))
     }
 
+    /// Like the other stores, plus: a removal is announced to the fleet as
+    /// `Invalidated { key, expected }` (only when it deleted something).
     async fn remove(&self, key: &str, expected: Version) -> Result<bool, StoreError> {
         let (entry, channel, key_json) = (self.key("token", key), self.inner.channel.clone(), Self::key_json(key));
         let deleted: i64 = self
@@ -826,7 +890,14 @@ impl Fleet for RedisStore {
         let (lease_key, value) = (self.key("lease", key), fence.clone());
         let set: Option<String> = self
             .run("try_lease", |mut c| async move {
-                redis::cmd("SET").arg(lease_key).arg(value).arg("NX").arg("PX").arg(millis(ttl)).query_async(&mut c).await
+                redis::cmd("SET")
+                    .arg(lease_key)
+                    .arg(value)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(millis(ttl))
+                    .query_async(&mut c)
+                    .await
             })
             .await?;
         Ok(set.map(|_| Lease { key: key.to_string(), fence }))
@@ -967,10 +1038,10 @@ async fn events_task(
             let client = link.client().await?;
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(&channel).await?;
-            Ok::<_, RedisError>(pubsub)
+            Ok::<_, RedisError>((pubsub, host_port(client.get_connection_info().addr())))
         })
         .await;
-        let pubsub = match subscribed {
+        let (pubsub, subscribed_to) = match subscribed {
             Ok(Ok(p)) => p,
             Ok(Err(e)) => {
                 debug!(reason = %error_reason(&e), "redis store: message stream not (re)established");
@@ -1017,6 +1088,13 @@ async fn events_task(
                     let answered = tokio::time::timeout(timeout, sink.ping::<redis::Value>()).await;
                     if !matches!(answered, Ok(Ok(_))) {
                         break;
+                    }
+                    if let Ok(Some(named)) = tokio::time::timeout(timeout, link.named_master()).await {
+                        if Some(&named) != subscribed_to.as_ref() {
+                            info!(master = %format!("{}:{}", named.0, named.1), "redis store: the sentinels name a new master");
+                            link.reset(None);
+                            break;
+                        }
                     }
                 }
             }

@@ -168,11 +168,7 @@ impl Sealer {
         let mut body = Vec::with_capacity(NONCE_LEN + sealed.len());
         body.extend_from_slice(&nonce);
         body.extend_from_slice(&sealed);
-        format!(
-            "{FORMAT}.{}.{}",
-            hex(&key.id),
-            base64::engine::general_purpose::STANDARD_NO_PAD.encode(&body)
-        )
+        format!("{FORMAT}.{}.{}", hex(&key.id), base64::engine::general_purpose::STANDARD_NO_PAD.encode(&body))
     }
 
     /// Open a record sealed by [`Sealer::seal`] under any configured key, checking `aad`.
