@@ -9,11 +9,9 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use tokio::sync::broadcast;
-use tollgate::config::Secret;
-use tollgate::store::{
-    Fleet, FleetMessage, Lease, Loaded, RedisSettings, RedisStore, Saved, SentinelSettings, StoreError, StoredToken,
-    TokenStore,
-};
+use tollgate::config::{RedisSettings, SentinelSettings};
+use tollgate::secret::Secret;
+use tollgate::store::{Fleet, FleetMessage, Lease, Loaded, RedisStore, Saved, StoreError, StoredToken, TokenStore};
 
 use support::redis::{RedisServer, SentinelServer};
 
@@ -29,7 +27,7 @@ fn enc_key(seed: u8) -> Secret {
 }
 
 fn settings(url: &str, keys: Vec<Secret>) -> RedisSettings {
-    let mut s = RedisSettings::new(url, keys);
+    let mut s = tollgate::store::redis::settings(url, keys);
     s.key_prefix = PREFIX.into();
     s.timeout = Duration::from_millis(500);
     s.lease_ttl = Duration::from_secs(2);
@@ -618,4 +616,16 @@ async fn sentinel_failover_finds_the_new_master() {
     let v3 = written(s.save(K1, &token("later", None, Some(600)), version).await.unwrap());
     expect_message(&mut rx, Duration::from_secs(5), |m| *m == FleetMessage::Written { key: K1.into(), version: v3 })
         .await;
+}
+
+#[tokio::test]
+async fn the_configured_store_opens_as_a_fleet_store() {
+    let server = RedisServer::start();
+    let st = settings(&server.url(), vec![enc_key(1)]);
+    let opened = tollgate::store::open(&tollgate::config::StoreSettings::Redis(st)).expect("open");
+    assert!(opened.describe().contains(PREFIX), "{}", opened.describe());
+    assert!(opened.fleet().is_some());
+    let v = written(opened.save(K1, &token("via-open", None, Some(60)), 0).await.unwrap());
+    assert_eq!(opened.load(K1).await.unwrap().map(|l| l.version), Some(v));
+    assert_eq!(opened.fleet().map(|f| f.lease_ttl()), Some(Duration::from_secs(2)));
 }

@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt as _;
+use futures_util::StreamExt as _;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::sentinel::{Sentinel, SentinelNodeConnectionInfo};
 use redis::{Client, ConnectionAddr, ConnectionInfo, ErrorKind, IntoConnectionInfo, RedisError, ServerErrorKind};
@@ -45,15 +45,16 @@ use zeroize::Zeroizing;
 use super::fleet::{Fleet, FleetMessage, Lease};
 use super::seal::{self, Sealer};
 use super::{Loaded, Saved, StoreError, StoredToken, TokenStore, Version};
-use crate::config::Secret;
+use crate::config::RedisSettings;
+use crate::secret::Secret;
 
 pub use super::seal::{validate_key, validate_keys};
 
-/// Default for [`RedisSettings::key_prefix`].
+/// Default for `RedisSettings::key_prefix`.
 pub const DEFAULT_KEY_PREFIX: &str = "tollgate:";
-/// Default for [`RedisSettings::lease_ttl`].
+/// Default for `RedisSettings::lease_ttl`.
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
-/// Default for [`RedisSettings::timeout`].
+/// Default for `RedisSettings::timeout`.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
 /// A sensible TTL for [`Fleet::save_pending`]: how long a human has to type the code.
 pub const DEFAULT_PENDING_TTL: Duration = Duration::from_secs(30 * 60);
@@ -65,110 +66,52 @@ const EVENTS_RETRY_MAX: Duration = Duration::from_secs(2);
 /// Buffered messages per subscriber before it sees `Lagged`.
 const EVENTS_CAPACITY: usize = 1024;
 
-/// How to reach Redis; filled by the config (`[store] kind = "redis"`).
-#[derive(Clone, PartialEq)]
-pub struct RedisSettings {
-    /// `redis://host:port/db` or `rediss://…` (TLS through rustls, the system's roots;
-    /// `#insecure` at the end skips verification). Credentials may be in the URL, but
-    /// `username`/`password` (from a secret) take precedence. With `sentinel`, the host
-    /// and port are not used (the sentinels name the master): the scheme (TLS), the
-    /// database and the credentials apply to the master.
-    pub url: String,
-    pub username: Option<String>,
-    pub password: Option<Secret>,
-    /// Prefix of every key and of the message channel (several deployments can share
-    /// one Redis under different prefixes).
-    pub key_prefix: String,
-    pub sentinel: Option<SentinelSettings>,
-    /// Base64 of 32 random bytes each. The first seals, all open (rotation: add the new
-    /// key at the end, roll out, then move it first, roll out, then drop the old one).
-    pub encryption_keys: Vec<Secret>,
-    /// How long a fetching replica holds the lease without renewing it.
-    pub lease_ttl: Duration,
-    /// Upper bound of every Redis operation, connecting included.
-    pub timeout: Duration,
-}
-
-/// Redis Sentinel: the master's name and the sentinels to ask for it.
-#[derive(Clone, PartialEq)]
-pub struct SentinelSettings {
-    pub master_name: String,
-    /// `redis://host:port` of each sentinel (credentials in the URL if the sentinels
-    /// require them).
-    pub nodes: Vec<String>,
-}
-
-impl std::fmt::Debug for RedisSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisSettings")
-            .field("url", &redact_url(&self.url))
-            .field("username", &self.username)
-            .field("password", &self.password)
-            .field("key_prefix", &self.key_prefix)
-            .field("sentinel", &self.sentinel)
-            .field("encryption_keys", &self.encryption_keys.len())
-            .field("lease_ttl", &self.lease_ttl)
-            .field("timeout", &self.timeout)
-            .finish()
+/// Settings with the defaults for everything but the URL and the keys (tests, tools).
+pub fn settings(url: impl Into<String>, encryption_keys: Vec<Secret>) -> RedisSettings {
+    RedisSettings {
+        url: url.into(),
+        username: None,
+        password: None,
+        key_prefix: DEFAULT_KEY_PREFIX.to_string(),
+        sentinel: None,
+        encryption_keys,
+        lease_ttl: DEFAULT_LEASE_TTL,
+        timeout: DEFAULT_TIMEOUT,
     }
 }
 
-impl std::fmt::Debug for SentinelSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let nodes: Vec<String> = self.nodes.iter().map(|n| redact_url(n)).collect();
-        f.debug_struct("SentinelSettings").field("master_name", &self.master_name).field("nodes", &nodes).finish()
+/// Everything [`RedisStore::connect`] refuses, as one message naming the setting (never
+/// a password or a key). The config's own validation checks the same and more (it also
+/// refuses credentials in URLs: they belong in `username`/`password`).
+///
+/// How the fields are used: `url` is `redis://host:port/db` or `rediss://…` (TLS
+/// through rustls and the system's roots; `#insecure` at the end skips verification).
+/// With `sentinel`, the URL's host and port are not used (the sentinels name the
+/// master); its scheme (TLS) and database, and `username`/`password`, apply to the
+/// master. `encryption_keys`: base64 of 32 random bytes each; the first seals, all open
+/// (rotation: add the new key at the end, roll out; move it first, roll out; drop the
+/// old one). `timeout` bounds every operation, connecting included.
+pub fn validate(s: &RedisSettings) -> Result<(), String> {
+    validate_url(&s.url).map_err(|e| format!("url {e}"))?;
+    if s.key_prefix.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("key_prefix contains whitespace or control characters".into());
     }
-}
-
-impl RedisSettings {
-    /// Settings with the defaults for everything but the URL and the keys.
-    pub fn new(url: impl Into<String>, encryption_keys: Vec<Secret>) -> Self {
-        RedisSettings {
-            url: url.into(),
-            username: None,
-            password: None,
-            key_prefix: DEFAULT_KEY_PREFIX.to_string(),
-            sentinel: None,
-            encryption_keys,
-            lease_ttl: DEFAULT_LEASE_TTL,
-            timeout: DEFAULT_TIMEOUT,
+    if let Some(sn) = &s.sentinel {
+        if sn.master_name.trim().is_empty() {
+            return Err("sentinel master name is empty".into());
+        }
+        if sn.nodes.is_empty() {
+            return Err("sentinel nodes is empty: name at least one sentinel".into());
+        }
+        for (i, n) in sn.nodes.iter().enumerate() {
+            validate_url(n).map_err(|e| format!("sentinel node {} {e}", i + 1))?;
         }
     }
-
-    /// Everything `connect` would refuse, as one message naming the setting (never a
-    /// password or a key).
-    pub fn validate(&self) -> Result<(), String> {
-        validate_url(&self.url).map_err(|e| format!("url {e}"))?;
-        if self.key_prefix.is_empty() {
-            return Err("key_prefix is empty: keys would collide with other users of this Redis".into());
-        }
-        if self.key_prefix.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err("key_prefix contains whitespace or control characters".into());
-        }
-        if let Some(s) = &self.sentinel {
-            if s.master_name.trim().is_empty() {
-                return Err("sentinel.master_name is empty".into());
-            }
-            if s.nodes.is_empty() {
-                return Err("sentinel.nodes is empty: name at least one sentinel".into());
-            }
-            for (i, n) in s.nodes.iter().enumerate() {
-                validate_url(n).map_err(|e| format!("sentinel node {} {e}", i + 1))?;
-            }
-        }
-        validate_keys(&self.encryption_keys)?;
-        if self.timeout.is_zero() {
-            return Err("timeout is zero".into());
-        }
-        if self.lease_ttl <= self.timeout {
-            return Err(format!(
-                "lease_ttl ({} ms) must be longer than timeout ({} ms), or a lease may expire before it is renewed",
-                self.lease_ttl.as_millis(),
-                self.timeout.as_millis()
-            ));
-        }
-        Ok(())
+    validate_keys(&s.encryption_keys)?;
+    if s.timeout.is_zero() {
+        return Err("timeout is zero".into());
     }
+    Ok(())
 }
 
 /// Check a Redis URL (`redis://` or `rediss://`). The message never echoes the URL (it
@@ -192,7 +135,7 @@ pub fn redact_url(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(mut u) => {
             if u.password().is_some() {
-                let _ = u.set_password(Some(crate::config::REDACTED));
+                let _ = u.set_password(Some(crate::secret::REDACTED));
             }
             u.to_string()
         }
@@ -540,13 +483,20 @@ fn millis(d: Duration) -> u64 {
 impl RedisStore {
     /// Set up the store. Does not contact Redis: connections are made on first use, so
     /// tollgate starts (and fetches tokens on its own) while Redis is down. Fails only on
-    /// settings that cannot work (see [`RedisSettings::validate`]).
+    /// settings that cannot work (see [`validate`]).
     ///
     /// Operations must run on one tokio runtime (the connections' tasks live there); the
     /// message stream starts on the runtime `connect` is called in, or else on the first
     /// operation's or `subscribe`'s.
     pub fn connect(settings: RedisSettings) -> Result<RedisStore, StoreError> {
-        settings.validate().map_err(StoreError::RedisConfig)?;
+        validate(&settings).map_err(StoreError::RedisConfig)?;
+        if settings.lease_ttl <= settings.timeout {
+            warn!(
+                lease_ttl_ms = settings.lease_ttl.as_millis() as u64,
+                timeout_ms = settings.timeout.as_millis() as u64,
+                "redis store: lease_ttl is not longer than timeout; a slow renewal may let a lease expire mid-fetch"
+            );
+        }
         let sealer = Sealer::new(&settings.encryption_keys).map_err(StoreError::RedisConfig)?;
         let bad_url = |what: &str| StoreError::RedisConfig(format!("{what} is not a usable Redis URL"));
         let info: ConnectionInfo = settings.url.as_str().into_connection_info().map_err(|_| bad_url("url"))?;
@@ -1016,6 +966,10 @@ impl Fleet for RedisStore {
     fn healthy(&self) -> bool {
         self.inner.healthy.load(Ordering::Relaxed)
     }
+
+    fn lease_ttl(&self) -> Duration {
+        self.inner.lease_ttl
+    }
 }
 
 /// The message stream: subscribe to the channel on the write node, forward messages,
@@ -1108,6 +1062,7 @@ async fn events_task(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::SentinelSettings;
 
     fn tok(expires_at: Option<u64>, refresh: bool) -> StoredToken {
         let mut vars = BTreeMap::new();
@@ -1139,34 +1094,32 @@ mod tests {
 
     #[test]
     fn settings_validation_and_redaction() {
-        let ok = RedisSettings::new("redis://127.0.0.1:6379/2", vec![key()]);
-        assert_eq!(ok.validate(), Ok(()));
-        let with_password = RedisSettings::new("redis://u:hunter2@127.0.0.1:6379", vec![key()]);
-        assert!(!format!("{with_password:?}").contains("hunter2"));
+        let ok = settings("redis://127.0.0.1:6379/2", vec![key()]);
+        assert_eq!(validate(&ok), Ok(()));
         assert!(!redact_url("rediss://u:hunter2@h:1/0").contains("hunter2"));
         let mut bad = ok.clone();
         bad.url = "http://u:hunter2@host".into();
-        let e = bad.validate().unwrap_err();
+        let e = validate(&bad).unwrap_err();
         assert!(e.contains("scheme") && !e.contains("hunter2"), "{e}");
         let mut bad = ok.clone();
-        bad.key_prefix = String::new();
-        assert!(bad.validate().unwrap_err().contains("key_prefix"));
-        let mut bad = ok.clone();
-        bad.lease_ttl = bad.timeout;
-        assert!(bad.validate().unwrap_err().contains("lease_ttl"));
+        bad.key_prefix = "a b".into();
+        assert!(validate(&bad).unwrap_err().contains("key_prefix"));
         let mut bad = ok.clone();
         bad.encryption_keys = vec![Secret::new("short")];
-        let e = bad.validate().unwrap_err();
+        let e = validate(&bad).unwrap_err();
         assert!(e.contains("encryption key 1") && !e.contains("short"), "{e}");
+        let mut bad = ok.clone();
+        bad.timeout = Duration::ZERO;
+        assert!(validate(&bad).unwrap_err().contains("timeout"));
         let mut bad = ok;
         bad.sentinel = Some(SentinelSettings { master_name: "m".into(), nodes: vec![] });
-        assert!(bad.validate().unwrap_err().contains("sentinel.nodes"));
+        assert!(validate(&bad).unwrap_err().contains("sentinel nodes"));
     }
 
     #[test]
     fn connect_does_not_need_redis_or_a_runtime() {
         // Port 1 on loopback: nothing listens; connect must not care.
-        let store = RedisStore::connect(RedisSettings::new("redis://127.0.0.1:1/0", vec![key()])).unwrap();
+        let store = RedisStore::connect(settings("redis://127.0.0.1:1/0", vec![key()])).unwrap();
         assert!(store.describe().contains("127.0.0.1:1"));
         assert!(!store.healthy());
     }

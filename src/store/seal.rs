@@ -22,7 +22,7 @@ use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-use crate::config::Secret;
+use crate::secret::Secret;
 
 /// Bytes of an encryption key.
 pub const KEY_LEN: usize = 32;
