@@ -113,6 +113,7 @@ impl Validator<'_> {
                 .nonzero("proxy.upstream_connect_timeout", raw.proxy.upstream_connect_timeout)?,
             upstream_read_timeout: self.nonzero("proxy.upstream_read_timeout", raw.proxy.upstream_read_timeout)?,
             upstream_keepalive_pool_size: raw.proxy.upstream_keepalive_pool_size,
+            upstream_idle_timeout: self.nonzero("proxy.upstream_idle_timeout", raw.proxy.upstream_idle_timeout)?,
         };
 
         let admin_listen = self.socket_addr("admin.listen", &raw.admin.listen)?;
