@@ -381,6 +381,7 @@ fn peer_for(r: &RouteSpec, settings: &Settings) -> Result<HttpPeer, BuildError> 
     let mut peer = HttpPeer::new(resolve(r)?, u.tls, u.sni.clone());
     peer.options.connection_timeout = Some(settings.proxy.upstream_connect_timeout);
     peer.options.read_timeout = Some(settings.proxy.upstream_read_timeout);
+    peer.options.idle_timeout = Some(settings.proxy.upstream_idle_timeout);
     peer.options.verify_cert = u.tls_verify;
     peer.options.verify_hostname = u.tls_verify;
     if let Some(ca) = &u.ca_file {

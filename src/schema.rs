@@ -102,6 +102,15 @@ pub struct ProxyConfig {
     /// continuously (measured in bench/results).
     #[serde(default = "default_keepalive_pool")]
     pub upstream_keepalive_pool_size: usize,
+    /// How long an idle upstream connection is kept for reuse. Below the idle timeouts of
+    /// common load balancers and servers (60 s and more), so tollgate drops a connection
+    /// before the far end forgets it and a request is never sent into a dead one.
+    #[serde(default = "default_upstream_idle_timeout", with = "humantime_serde")]
+    pub upstream_idle_timeout: Duration,
+}
+
+fn default_upstream_idle_timeout() -> Duration {
+    Duration::from_secs(50)
 }
 
 fn default_keepalive_pool() -> usize {
@@ -119,6 +128,7 @@ impl Default for ProxyConfig {
             upstream_connect_timeout: default_connect_timeout(),
             upstream_read_timeout: default_read_timeout(),
             upstream_keepalive_pool_size: default_keepalive_pool(),
+            upstream_idle_timeout: default_upstream_idle_timeout(),
         }
     }
 }

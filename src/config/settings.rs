@@ -67,6 +67,7 @@ pub struct ProxySettings {
     pub upstream_connect_timeout: Duration,
     pub upstream_read_timeout: Duration,
     pub upstream_keepalive_pool_size: usize,
+    pub upstream_idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]

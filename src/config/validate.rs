@@ -15,6 +15,9 @@ use crate::provider::{HttpClientSpec, ProviderKind, ProviderSpec, Timing};
 use crate::schema::{AuthorizationConfig, FileConfig, ProviderConfig, RouteConfig, StoreConfig, StoreKind};
 use crate::secret::{Secret, SecretSource};
 
+/// The statuses a route's `retry_on_status` may list: those that reject a credential.
+const AUTH_STATUSES: [u16; 3] = [401, 403, 407];
+
 /// Where the file store lives unless `store.path` says otherwise.
 pub const DEFAULT_STORE_PATH: &str = "/var/lib/tollgate/tokens.json";
 
@@ -113,6 +116,7 @@ impl Validator<'_> {
                 .nonzero("proxy.upstream_connect_timeout", raw.proxy.upstream_connect_timeout)?,
             upstream_read_timeout: self.nonzero("proxy.upstream_read_timeout", raw.proxy.upstream_read_timeout)?,
             upstream_keepalive_pool_size: raw.proxy.upstream_keepalive_pool_size,
+            upstream_idle_timeout: self.nonzero("proxy.upstream_idle_timeout", raw.proxy.upstream_idle_timeout)?,
         };
 
         let admin_listen = self.socket_addr("admin.listen", &raw.admin.listen)?;
@@ -430,8 +434,16 @@ impl Validator<'_> {
             preserve_host: r.preserve_host,
             set_headers,
             retry_on_status: {
-                if let Some(bad) = r.retry_on_status.iter().find(|s| !(100..=599).contains(*s)) {
-                    return Err(self.err(key("retry_on_status"), format!("{bad} is not an HTTP status")));
+                // Only statuses that say "this credential was refused" invalidate the token
+                // and replay the request: after any other status (a 503, say) the upstream
+                // may already have acted on the request, and the token is not at fault.
+                if let Some(bad) = r.retry_on_status.iter().find(|s| !AUTH_STATUSES.contains(*s)) {
+                    return Err(self.err(
+                        key("retry_on_status"),
+                        format!(
+                            "{bad} is not an authentication status; only 401, 403 and 407 may be listed (a replay after another status could repeat a request the upstream already executed)"
+                        ),
+                    ));
                 }
                 r.retry_on_status.clone()
             },
@@ -569,6 +581,18 @@ mod tests {
             provider = "p"
         "#;
         assert_eq!(err(http), "`providers.p` (from t.toml): no step extracts `token`");
+    }
+
+    #[test]
+    fn retry_on_status_takes_only_authentication_statuses() {
+        for ok in ["[]", "[401]", "[401, 403]", "[407]"] {
+            let s = load_str(&format!("{BASE}retry_on_status = {ok}\n"), Path::new("t.toml")).unwrap();
+            assert_eq!(s.routes[0].retry_on_status.len(), ok.matches(',').count() + usize::from(ok != "[]"));
+        }
+        for bad in ["[503]", "[401, 503]", "[400]", "[200]", "[0]", "[999]"] {
+            let e = err(&format!("{BASE}retry_on_status = {bad}\n"));
+            assert!(e.contains("routes.0.retry_on_status") && e.contains("not an authentication status"), "{bad}: {e}");
+        }
     }
 
     #[test]
