@@ -141,11 +141,23 @@ pub struct AdminConfig {
     /// Bearer token required on every admin path except `/healthz` and `/readyz`.
     #[serde(default)]
     pub token: Option<SecretSource>,
+    /// What `/readyz` demands: `startup` (default: every provider held a token once since
+    /// start) or `always` (every provider holds a usable token now).
+    #[serde(default)]
+    pub ready_requires: ReadyRequiresConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReadyRequiresConfig {
+    #[default]
+    Startup,
+    Always,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        AdminConfig { listen: default_admin_listen(), token: None }
+        AdminConfig { listen: default_admin_listen(), token: None, ready_requires: ReadyRequiresConfig::default() }
     }
 }
 

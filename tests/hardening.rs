@@ -46,3 +46,29 @@ async fn after_a_long_outage_waiting_requests_are_served_within_backoff_min_of_t
     }
     assert!(upstream.seen().iter().all(|s| s.accepted));
 }
+
+async fn readyz(tg: &Tollgate) -> u16 {
+    client().get(tg.admin_url("/readyz")).send().await.expect("readyz").status().as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_is_a_start_up_gate_by_default_and_a_steady_state_check_on_request() {
+    for (extra_admin, ready_after_expiry) in [("", 200), ("ready_requires = \"always\"", 503)] {
+        let (idp, upstream, _ledger) =
+            oauth2_doubles(IdpConfig { lifetime: Duration::from_secs(2), ..IdpConfig::default() }).await;
+        idp.set_mode(Mode::Status(503, "temporarily_unavailable"));
+        let cfg = oauth2_config(&idp, &upstream, "expiry_margin = \"100ms\"", "token_wait = \"200ms\"")
+            .replace("[admin]\n", &format!("[admin]\n{extra_admin}\n"));
+        let tg = Tollgate::start(&cfg);
+        tg.wait_healthy().await;
+        // No traffic before the first token, in both modes.
+        assert_eq!(readyz(&tg).await, 503);
+        idp.set_mode(Mode::Normal);
+        tg.wait_ready().await;
+        // The IdP goes down and the token expires.
+        idp.set_mode(Mode::Status(503, "temporarily_unavailable"));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(client().get(tg.url("/x")).send().await.unwrap().status(), 503, "no usable token");
+        assert_eq!(readyz(&tg).await, ready_after_expiry, "ready_requires {extra_admin:?}");
+    }
+}

@@ -171,7 +171,14 @@ impl Validator<'_> {
 
         Ok(Settings {
             proxy,
-            admin: AdminSettings { listen: admin_listen, token: admin_token },
+            admin: AdminSettings {
+                listen: admin_listen,
+                token: admin_token,
+                ready_requires: match raw.admin.ready_requires {
+                    crate::schema::ReadyRequiresConfig::Startup => ReadyRequires::Startup,
+                    crate::schema::ReadyRequiresConfig::Always => ReadyRequires::Always,
+                },
+            },
             providers,
             routes,
             watched_files: watched,
