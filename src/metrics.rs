@@ -20,6 +20,7 @@ pub struct Metrics {
     pub upstream_duration: HistogramVec,
     pub config_reload_total: IntCounterVec,
     pub upstream_auth_rejected_total: IntCounterVec,
+    pub upstream_insufficient_scope_total: IntCounterVec,
     pub store_errors_total: IntCounterVec,
     pub fleet_lease_total: IntCounterVec,
     pub fleet_fallback_total: IntCounterVec,
@@ -117,6 +118,11 @@ impl Metrics {
             upstream_auth_rejected_total: counter(
                 "tollgate_upstream_auth_rejected_total",
                 "Upstream responses rejecting the injected token (401), by route.",
+                &["route"],
+            ),
+            upstream_insufficient_scope_total: counter(
+                "tollgate_upstream_insufficient_scope_total",
+                "Upstream rejections with RFC 6750 `insufficient_scope`, passed through without renewing the token, by route.",
                 &["route"],
             ),
             store_errors_total: counter(

@@ -379,6 +379,9 @@ pub struct RouteConfig {
     /// a token rejection (the token is invalidated; the response itself is passed on).
     #[serde(default)]
     pub graphql_unauthenticated: bool,
+    /// For a token only a human can renew: a path (GET through this route) tollgate asks
+    /// after a bare 401, to tell a dead token from a path the account may not use.
+    pub session_probe: Option<String>,
 }
 
 fn default_retry_on_status() -> Vec<u16> {

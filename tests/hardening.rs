@@ -72,3 +72,121 @@ async fn readiness_is_a_start_up_gate_by_default_and_a_steady_state_check_on_req
         assert_eq!(readyz(&tg).await, ready_after_expiry, "ready_requires {extra_admin:?}");
     }
 }
+
+fn tnid_config(tnid: &tollgate_testkit::seeds::Tnid, upstream: &Upstream, route_extra: &str) -> String {
+    format!(
+        r#"
+[proxy]
+listen = "{{PROXY}}"
+token_wait = "1s"
+[admin]
+listen = "{{ADMIN}}"
+[store]
+kind = "file"
+path = "{{DIR}}/tokens.json"
+[providers.p]
+kind = "tnid"
+base_url = "{base}"
+telephone_number = "3024343434333"
+reauth_min_interval = "100ms"
+[[routes]]
+name = "api"
+path_prefix = "/"
+upstream = "{up}"
+provider = "p"
+{route_extra}
+"#,
+        base = tnid.url(),
+        up = upstream.url(),
+    )
+}
+
+async fn tnid_login(tg: &Tollgate, tnid: &tollgate_testkit::seeds::Tnid) {
+    let r = client().post(tg.admin_url("/admin/providers/p/login")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let otp = tnid.otp_for("3024343434333").expect("OTP sent");
+    let r = client()
+        .post(tg.admin_url("/admin/providers/p/login/code"))
+        .body(format!(r#"{{"code":"{otp}"}}"#))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+async fn status(tg: &Tollgate, path: &str) -> u16 {
+    client().get(tg.url(path)).send().await.unwrap().status().as_u16()
+}
+
+async fn state(tg: &Tollgate) -> String {
+    let v: serde_json::Value = tg.admin_get("/admin/providers/p").await.json().await.unwrap();
+    v["state"].as_str().unwrap_or("").to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_path_rejecting_a_human_token_never_ends_the_session_but_evidence_does() {
+    let ledger = Ledger::default();
+    let tnid = tollgate_testkit::seeds::Tnid::start(ledger.clone()).await.unwrap();
+    let upstream = Upstream::start(Some(ledger.clone())).await.unwrap();
+    let tg = Tollgate::start(&tnid_config(&tnid, &upstream, ""));
+    tg.wait_healthy().await;
+    tnid_login(&tg, &tnid).await;
+    assert_eq!(status(&tg, "/ok").await, 200);
+    // One path keeps answering a bare 401, another insufficient_scope, while the rest of
+    // the API accepts the token: the rejections pass through, the session stays.
+    for _ in 0..5 {
+        assert_eq!(status(&tg, "/deny/bare/admin").await, 401);
+        assert_eq!(status(&tg, "/deny/scope/admin").await, 401);
+        assert_eq!(status(&tg, "/ok").await, 200);
+    }
+    // The same path again and again, with nothing in between, is still one path.
+    for _ in 0..3 {
+        assert_eq!(status(&tg, "/deny/bare/admin").await, 401);
+    }
+    assert_eq!(status(&tg, "/ok").await, 200);
+    assert_eq!(state(&tg).await, "valid");
+    assert_eq!(tnid.calls("/auth/token"), 1, "no new login was needed");
+    let stored = std::fs::read_to_string(tg.dir.path().join("tokens.json")).unwrap();
+    let token = upstream.seen().last().unwrap().bearer().unwrap().to_string();
+    assert!(stored.contains(&token), "the token is still in the store");
+    assert!(tg.metric("tollgate_upstream_insufficient_scope_total{route=\"api\"}").await >= 5.0);
+    // Evidence that the token is dead everywhere: two paths reject it with no success
+    // in between. Then a login is asked for.
+    assert_eq!(status(&tg, "/deny/bare/a").await, 401);
+    assert_eq!(status(&tg, "/deny/bare/b").await, 401);
+    assert_eq!(status(&tg, "/ok").await, 503, "login_required");
+    assert_eq!(state(&tg).await, "awaiting_code");
+    // RFC 6750 invalid_token ends it at once.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tnid_login(&tg, &tnid).await;
+    assert_eq!(status(&tg, "/ok").await, 200);
+    ledger.revoke(upstream.seen().last().unwrap().bearer().unwrap());
+    assert_eq!(status(&tg, "/ok").await, 401);
+    assert_eq!(status(&tg, "/ok").await, 503);
+    assert_eq!(state(&tg).await, "awaiting_code");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_probe_tells_a_dead_token_from_a_forbidden_path() {
+    for (probe, ends) in [("/ok/probe", false), ("/deny/bare/probe", true)] {
+        let ledger = Ledger::default();
+        let tnid = tollgate_testkit::seeds::Tnid::start(ledger.clone()).await.unwrap();
+        let upstream = Upstream::start(Some(ledger.clone())).await.unwrap();
+        let tg = Tollgate::start(&tnid_config(&tnid, &upstream, &format!("session_probe = \"{probe}\"")));
+        tg.wait_healthy().await;
+        tnid_login(&tg, &tnid).await;
+        assert_eq!(status(&tg, "/deny/bare/admin").await, 401);
+        // The probe runs in the background; give it a moment.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while !upstream.seen().iter().any(|s| s.path == probe) {
+            assert!(Instant::now() < deadline, "the probe was never sent");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let probe_seen = upstream.seen().into_iter().find(|s| s.path == probe).unwrap();
+        assert!(probe_seen.bearer().is_some(), "the probe carries the token");
+        assert!(probe_seen.header("x-tollgate-probe").is_none(), "the marker never reaches the upstream");
+        let expected = if ends { "awaiting_code" } else { "valid" };
+        assert_eq!(state(&tg).await, expected, "probe {probe}");
+    }
+}

@@ -115,6 +115,8 @@ pub struct RouteSpec {
     pub set_headers: Vec<(HeaderName, HeaderValue)>,
     pub retry_on_status: Vec<u16>,
     pub graphql_unauthenticated: bool,
+    /// Path asked (GET, through the proxy) after a bare 401 on a human-renewable token.
+    pub session_probe: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

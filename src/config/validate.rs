@@ -455,6 +455,12 @@ impl Validator<'_> {
                 r.retry_on_status.clone()
             },
             graphql_unauthenticated: r.graphql_unauthenticated,
+            session_probe: match &r.session_probe {
+                Some(p) if !p.starts_with('/') || p.chars().any(|c| c.is_whitespace() || c.is_control()) => {
+                    return Err(self.err(key("session_probe"), "must be a path starting with `/`, without spaces"));
+                }
+                p => p.clone(),
+            },
         })
     }
 

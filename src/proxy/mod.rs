@@ -10,6 +10,7 @@ pub mod hygiene;
 pub mod respond;
 pub mod router;
 
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,7 +26,7 @@ use tracing::warn;
 use crate::config::AuthorizationPolicy;
 use crate::gateway::{Gateway, InflightGuard};
 use crate::metrics;
-use crate::token::{ActiveToken, Unavailable};
+use crate::token::{ActiveToken, Suspicion, Unavailable};
 use router::RouteEntry;
 
 pub struct TollgateProxy {
@@ -53,6 +54,34 @@ pub struct Ctx {
 
 /// Limit on the GraphQL response body inspected for `UNAUTHENTICATED`.
 const GRAPHQL_INSPECT_LIMIT: usize = 256 * 1024;
+
+impl TollgateProxy {
+    /// Ask the route's session probe, through this proxy (so it gets the same token,
+    /// headers and upstream), in the background: if the probe is rejected too, that is
+    /// a second path and ends the session; if it succeeds, the suspicion is cleared.
+    fn probe(&self, session: &Session, path: &str) {
+        let mut addr = self.gateway.active().settings.proxy.listen;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(if addr.is_ipv4() { Ipv4Addr::LOCALHOST.into() } else { Ipv6Addr::LOCALHOST.into() });
+        }
+        let host = session.req_header().headers.get(HOST).cloned();
+        let url = format!("http://{addr}{path}");
+        tokio::spawn(async move {
+            static CLIENT: std::sync::LazyLock<Option<reqwest::Client>> = std::sync::LazyLock::new(|| {
+                reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(10)).build().ok()
+            });
+            let Some(client) = CLIENT.as_ref() else { return };
+            let mut req = client.get(&url).header(PROBE_HEADER, "1");
+            if let Some(h) = host {
+                req = req.header(HOST, h);
+            }
+            match req.send().await {
+                Ok(r) => tracing::info!(status = r.status().as_u16(), "session probe answered"),
+                Err(e) => tracing::warn!(error = %e.without_url(), "session probe failed"),
+            }
+        });
+    }
+}
 
 #[async_trait]
 impl ProxyHttp for TollgateProxy {
@@ -181,6 +210,7 @@ impl ProxyHttp for TollgateProxy {
         let spec = &route.spec;
         // Never forwarded: it is meant for tollgate (a forward proxy), not the upstream.
         req.remove_header(&PROXY_AUTHORIZATION);
+        req.remove_header(PROBE_HEADER);
         if !spec.preserve_host {
             req.insert_header(HOST, spec.upstream.authority.clone())?;
         }
@@ -230,9 +260,36 @@ impl ProxyHttp for TollgateProxy {
             ctx.graphql_body = Some(bytes::BytesMut::new());
         }
         if !route.spec.retry_on_status.contains(&status) {
+            if status < 400 {
+                cell.accepted(token.generation);
+            }
+            return Ok(());
+        }
+        let challenge = bearer_error(resp);
+        if challenge.as_deref() == Some("insufficient_scope") {
+            // RFC 6750: the token is fine, the request needs more than it grants. Renewing
+            // it would change nothing; the answer passes through untouched.
+            metrics::get().upstream_insufficient_scope_total.with_label_values(&[&route.spec.name]).inc();
+            warn!(route = %route.spec.name, provider = %cell.name(), status, "upstream: insufficient_scope; passing it through, the token stays");
             return Ok(());
         }
         metrics::get().upstream_auth_rejected_total.with_label_values(&[&route.spec.name]).inc();
+        if cell.human_only() && challenge.as_deref() != Some("invalid_token") {
+            let path = session.req_header().uri.path().to_string();
+            match cell.suspect(token.generation, &path) {
+                Suspicion::Suspected => {
+                    warn!(route = %route.spec.name, provider = %cell.name(), status, path = %path, "upstream rejected a token only a human can renew; one rejection is only a suspicion, the token stays");
+                    let is_probe = session.req_header().headers.contains_key(PROBE_HEADER);
+                    if let (Some(probe), false) = (&route.spec.session_probe, is_probe) {
+                        self.probe(session, probe);
+                    }
+                    return Ok(());
+                }
+                Suspicion::Dead => {
+                    warn!(route = %route.spec.name, provider = %cell.name(), "a second path rejected the token with no success in between: the session is over");
+                }
+            }
+        }
         let invalidated = cell.invalidate(token.generation, route.reauth_min_interval);
         warn!(route = %route.spec.name, provider = %cell.name(), status, generation = token.generation, invalidated, "upstream rejected the token");
         if ctx.auth_retried {
@@ -281,6 +338,13 @@ impl ProxyHttp for TollgateProxy {
                     if let (Some(route), Some(token)) = (&ctx.route, &ctx.token) {
                         if let Some(cell) = &route.cell {
                             metrics::get().upstream_auth_rejected_total.with_label_values(&[&route.spec.name]).inc();
+                            if cell.human_only()
+                                && cell.suspect(token.generation, _session.req_header().uri.path())
+                                    == Suspicion::Suspected
+                            {
+                                warn!(route = %route.spec.name, provider = %cell.name(), "GraphQL UNAUTHENTICATED for a token only a human can renew: a suspicion, the token stays");
+                                return Ok(None);
+                            }
                             let invalidated = cell.invalidate(token.generation, route.reauth_min_interval);
                             warn!(route = %route.spec.name, provider = %cell.name(), invalidated, "GraphQL UNAUTHENTICATED: token invalidated");
                         }
@@ -440,6 +504,37 @@ fn is_json(resp: &ResponseHeader) -> bool {
     resp.headers
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().windows(4).any(|w| w.eq_ignore_ascii_case(b"json")))
+}
+
+/// Marks tollgate's own session probe (so a rejected probe does not probe again).
+const PROBE_HEADER: &str = "x-tollgate-probe";
+
+/// The `error` parameter of an RFC 6750 challenge (`WWW-Authenticate: Bearer
+/// error="invalid_token"`, also under the `DPoP` scheme), lower-cased.
+fn bearer_error(resp: &ResponseHeader) -> Option<String> {
+    for v in resp.headers.get_all(http::header::WWW_AUTHENTICATE) {
+        let Ok(text) = v.to_str() else { continue };
+        let lower = text.to_ascii_lowercase();
+        let mut rest = lower.as_str();
+        while let Some(i) = rest.find("error") {
+            let before = rest[..i].chars().last();
+            let after = rest[i + 5..].trim_start();
+            rest = &rest[i + 5..];
+            if !matches!(before, None | Some(' ') | Some(',') | Some('\t')) {
+                continue;
+            }
+            let Some(value) = after.strip_prefix('=') else { continue };
+            let value = value.trim_start();
+            let v = match value.strip_prefix('"') {
+                Some(q) => q.split('"').next().unwrap_or(""),
+                None => value.split([',', ' ']).next().unwrap_or(""),
+            };
+            if !v.is_empty() {
+                return Some(v.to_string());
+            }
+        }
+    }
+    None
 }
 
 /// Whether a GraphQL response reports `errors[].extensions.code == "UNAUTHENTICATED"`.

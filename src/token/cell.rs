@@ -74,6 +74,15 @@ pub struct Status {
     pub awaiting_code: bool,
 }
 
+/// What a bare rejection of a human-renewable token amounts to so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Suspicion {
+    /// One path rejected it; it stays in use.
+    Suspected,
+    /// A second path rejected it with no success in between: the session is over.
+    Dead,
+}
+
 /// Why a request could not get a token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unavailable {
@@ -92,6 +101,12 @@ pub struct TokenCell {
     force: AtomicBool,
     /// Generation of the token the upstream rejected last (0: none pending), for the driver.
     rejected: AtomicU64,
+    /// The current token can be renewed only by a human (no grant, no refresh token):
+    /// a bare 401 is then only a suspicion, see [`TokenCell::suspect`].
+    human_only: AtomicBool,
+    /// Generation under suspicion (0: none) and the path that raised it (hashed).
+    suspect_generation: AtomicU64,
+    suspect_path: AtomicU64,
     attempts: watch::Sender<Attempt>,
     generation: AtomicU64,
     status: Mutex<Status>,
@@ -109,6 +124,9 @@ impl TokenCell {
             wake: Notify::new(),
             force: AtomicBool::new(false),
             rejected: AtomicU64::new(0),
+            human_only: AtomicBool::new(false),
+            suspect_generation: AtomicU64::new(0),
+            suspect_path: AtomicU64::new(0),
             attempts,
             generation: AtomicU64::new(0),
             status: Mutex::new(Status::default()),
@@ -212,6 +230,38 @@ impl TokenCell {
         swapped
     }
 
+    /// Whether only a human can renew the current token (set by the driver).
+    #[inline]
+    pub fn human_only(&self) -> bool {
+        self.human_only.load(Ordering::Relaxed)
+    }
+
+    /// A bare 401 (no RFC 6750 `invalid_token`) for a token only a human can renew. APIs
+    /// answer 401 for other reasons than a dead token (a path the account may not use, a
+    /// blip in the API's auth service), so one is only a suspicion: the token is dead
+    /// when another path rejects it too with no success in between. Returns whether that
+    /// evidence is now complete.
+    pub fn suspect(&self, generation: u64, path: &str) -> Suspicion {
+        let path = crate::provider::spec::fnv1a(path.as_bytes()).max(1);
+        let held = self.suspect_generation.load(Ordering::Acquire);
+        if held == generation && self.suspect_path.load(Ordering::Acquire) != path {
+            self.suspect_generation.store(0, Ordering::Release);
+            return Suspicion::Dead;
+        }
+        self.suspect_path.store(path, Ordering::Release);
+        self.suspect_generation.store(generation, Ordering::Release);
+        Suspicion::Suspected
+    }
+
+    /// The upstream accepted the token of `generation`: clear any suspicion on it. One
+    /// atomic load on the request path when nothing is suspected.
+    #[inline]
+    pub fn accepted(&self, generation: u64) {
+        if self.suspect_generation.load(Ordering::Relaxed) == generation {
+            let _ = self.suspect_generation.compare_exchange(generation, 0, Ordering::AcqRel, Ordering::Relaxed);
+        }
+    }
+
     /// Ask the refresher for a new token now, even if the current one is fine.
     pub fn force_refresh(&self) {
         self.force.store(true, Ordering::Release);
@@ -253,6 +303,10 @@ impl TokenCell {
 
     pub(crate) async fn woken(&self) {
         self.wake.notified().await
+    }
+
+    pub(crate) fn set_human_only(&self, yes: bool) {
+        self.human_only.store(yes, Ordering::Relaxed);
     }
 
     pub(crate) fn take_rejected(&self) -> Option<u64> {

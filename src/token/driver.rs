@@ -276,6 +276,7 @@ impl Driver {
             .token_fetch_consecutive_failures
             .with_label_values(&[&self.name])
             .set(self.machine.failures() as i64);
+        self.cell.set_human_only(!self.source.can_acquire() && !self.machine.refresh_held());
         let mut st = self.cell.lock_status();
         st.phase = self.machine.phase();
         st.awaiting_code = self.machine.awaiting_code();

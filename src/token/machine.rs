@@ -266,6 +266,11 @@ impl Machine {
         self.awaiting_code
     }
 
+    /// Whether a refresh token is held.
+    pub fn refresh_held(&self) -> bool {
+        self.refresh_held
+    }
+
     /// Whether the token the machine holds is usable by the monotonic clock.
     pub fn holds_usable(&self, now: Instant) -> bool {
         self.token_usable(now)

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use http::HeaderValue;
 
-pub use cell::{Attempt, ProviderState, TokenCell, Unavailable};
+pub use cell::{Attempt, ProviderState, Suspicion, TokenCell, Unavailable};
 pub use expiry::Lifetime;
 
 /// A token ready for injection. Built once per token by the refresher, so the request

@@ -131,6 +131,21 @@ async fn handle(State(s): State<Arc<Inner>>, req: Request) -> Response {
             .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer error=\"invalid_token\""));
         return r;
     }
+    if path.starts_with("/deny/bare/") {
+        // A valid token the API refuses on this path (the account may not use it): a
+        // bare 401, no RFC 6750 error.
+        let mut r = (StatusCode::UNAUTHORIZED, Json(json!({"error": "forbidden path"}))).into_response();
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer realm=\"api\""));
+        return r;
+    }
+    if path.starts_with("/deny/scope/") {
+        let mut r = (StatusCode::UNAUTHORIZED, Json(json!({"error": "insufficient_scope"}))).into_response();
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer realm=\"api\", error=\"insufficient_scope\", scope=\"admin\""),
+        );
+        return r;
+    }
     if let Some(code) = path.strip_prefix("/status/").and_then(|c| c.parse::<u16>().ok()) {
         // Whatever status a test asks for, once the token was accepted.
         let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
