@@ -13,13 +13,13 @@
 mod support;
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hickory_resolver::proto::op::{Message, MessageType, OpCode, ResponseCode};
-use hickory_resolver::proto::rr::{rdata::A, RData, Record, RecordType};
+use hickory_resolver::proto::rr::{rdata::A, rdata::AAAA, RData, Record, RecordType};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
@@ -32,7 +32,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[derive(Clone)]
 struct Dns {
     addr: SocketAddr,
-    names: Arc<Mutex<HashMap<String, Vec<Ipv4Addr>>>>,
+    names: Arc<Mutex<HashMap<String, Vec<IpAddr>>>>,
     /// Drop every query unanswered (a resolver that is down).
     down: Arc<AtomicBool>,
     queries: Arc<AtomicUsize>,
@@ -64,6 +64,10 @@ impl Dns {
     }
 
     fn set(&self, name: &str, ips: &[Ipv4Addr]) {
+        self.set_any(name, &ips.iter().map(|ip| IpAddr::V4(*ip)).collect::<Vec<_>>());
+    }
+
+    fn set_any(&self, name: &str, ips: &[IpAddr]) {
         lock(&self.names).insert(name.to_string(), ips.to_vec());
     }
 
@@ -85,10 +89,13 @@ impl Dns {
             }
             Some(ips) => {
                 m.set_response_code(ResponseCode::NoError);
-                if question.query_type() == RecordType::A {
-                    for ip in ips {
-                        m.add_answer(Record::from_rdata(question.name().clone(), 1, RData::A(A(*ip))));
-                    }
+                for ip in ips {
+                    let rdata = match (ip, question.query_type()) {
+                        (IpAddr::V4(v4), RecordType::A) => RData::A(A(*v4)),
+                        (IpAddr::V6(v6), RecordType::AAAA) => RData::AAAA(AAAA(*v6)),
+                        _ => continue,
+                    };
+                    m.add_answer(Record::from_rdata(question.name().clone(), 1, rdata));
                 }
             }
         }
@@ -102,6 +109,7 @@ impl Dns {
 
 /// An upstream double on `ip:port`: answers every request 200 with `name`, then closes.
 struct Origin {
+    addr: SocketAddr,
     stop: tokio::sync::oneshot::Sender<()>,
     served: Arc<AtomicUsize>,
     /// The request heads it received.
@@ -110,7 +118,11 @@ struct Origin {
 
 impl Origin {
     async fn start(addr: SocketAddr, name: &'static str) -> Self {
-        let listener = TcpListener::bind(addr).await.unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+        Self::on(TcpListener::bind(addr).await.unwrap_or_else(|e| panic!("bind {addr}: {e}")), name)
+    }
+
+    fn on(listener: TcpListener, name: &'static str) -> Self {
+        let addr = listener.local_addr().expect("origin address");
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let served = Arc::new(AtomicUsize::new(0));
         let heads = Arc::new(Mutex::new(Vec::new()));
@@ -144,7 +156,7 @@ impl Origin {
                 });
             }
         });
-        Origin { stop, served, heads }
+        Origin { addr, stop, served, heads }
     }
 
     fn served(&self) -> usize {
@@ -246,6 +258,30 @@ async fn every_address_is_used_and_a_refused_connection_fails_over() {
     let failed: Vec<_> = got.iter().filter(|(s, _)| *s != 200).collect();
     assert!(failed.is_empty(), "{failed:?}\nlogs:\n{}", tg.logs());
     assert_eq!(live.served(), 20);
+}
+
+/// A name with an IPv4 address that refuses and an IPv6 one that answers (both
+/// loopback): every request succeeds over IPv6. Skipped where the host has no `::1`.
+#[tokio::test]
+async fn ipv6_addresses_are_used_too() {
+    let Ok(listener) = TcpListener::bind("[::1]:0").await else {
+        eprintln!("skipped: this host has no IPv6 loopback");
+        return;
+    };
+    let dns = Dns::start().await;
+    let v6 = Origin::on(listener, "v6");
+    let port = v6.addr.port();
+    dns.set_any("dual.tollgate.test", &[IpAddr::from([127, 0, 0, 10]), IpAddr::from(std::net::Ipv6Addr::LOCALHOST)]);
+    let (k, v) = dns.env();
+    let tg = Tollgate::start_with_env(
+        &config(&route("api", "/", &format!("http://dual.tollgate.test:{port}"), "")),
+        &[(k, &v)],
+    );
+    tg.wait_healthy().await;
+    let got = send(&tg, "/x", 10).await;
+    let failed: Vec<_> = got.iter().filter(|(s, b)| *s != 200 || b != "v6").collect();
+    assert!(failed.is_empty(), "{failed:?}\nlogs:\n{}", tg.logs());
+    assert_eq!(v6.served(), 10);
 }
 
 /// DNS stops answering, then the config is reloaded: the reload applies (a changed header
