@@ -218,36 +218,52 @@ async fn token_requests_go_through_the_providers_proxy_to_an_https_endpoint() {
     assert_eq!(env_proxy.connections(), 0, "the environment's proxy is not used when the provider names one");
 }
 
-/// Without a `proxy` key the environment decides (`HTTPS_PROXY`); `proxy = "none"` goes
-/// direct whatever it says. Without `ca_file`, the endpoint's certificate is trusted
-/// through the system store (`SSL_CERT_FILE` points the store at the test's CA here).
+/// Without a `proxy` key the environment decides: `HTTPS_PROXY`, except for the hosts in
+/// `NO_PROXY`; `proxy = "none"` goes direct whatever it says. Without `ca_file`, the
+/// endpoint's certificate is trusted through the system store (`SSL_CERT_FILE` points
+/// the store at the test's CAs here).
 #[tokio::test]
-async fn https_proxy_from_the_environment_and_the_system_ca_store() {
+async fn https_proxy_and_no_proxy_from_the_environment_and_the_system_ca_store() {
     let (idp, upstream, _ledger) = oauth2_doubles(IdpConfig::default()).await;
     let via_env = TlsFront::start(idp.addr).await;
+    let exempt = TlsFront::start(idp.addr).await;
     let direct = TlsFront::start(idp.addr).await;
     let proxy = ConnectProxy::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let store = dir.path().join("system-store.pem");
-    std::fs::write(&store, format!("{}{}", via_env.cert_pem, direct.cert_pem)).expect("write the store");
+    std::fs::write(&store, format!("{}{}{}", via_env.cert_pem, exempt.cert_pem, direct.cert_pem))
+        .expect("write the store");
 
+    // `exempt` is named `localhost` (its certificate covers it), which NO_PROXY lists.
+    let exempt_url = format!("https://localhost:{}/oauth/v2/token", exempt.addr.port());
     let cfg = config(
-        &[("envproxy", via_env.token_url(), String::new()), ("direct", direct.token_url(), "proxy = \"none\"".into())],
+        &[
+            ("envproxy", via_env.token_url(), String::new()),
+            ("noproxy", exempt_url, String::new()),
+            ("direct", direct.token_url(), "proxy = \"none\"".into()),
+        ],
         "",
     ) + &route("envproxy", &upstream)
+        + &route("noproxy", &upstream)
         + &route("direct", &upstream);
     let store = store.display().to_string();
-    let tg = Tollgate::start_with_env(&cfg, &[("HTTPS_PROXY", &proxy.url()), ("SSL_CERT_FILE", &store)]);
+    let tg = Tollgate::start_with_env(
+        &cfg,
+        &[("HTTPS_PROXY", &proxy.url()), ("NO_PROXY", "localhost"), ("SSL_CERT_FILE", &store)],
+    );
     tg.wait_ready().await;
 
-    for path in ["/envproxy/a", "/direct/b"] {
+    for path in ["/envproxy/a", "/noproxy/b", "/direct/c"] {
         let r = client().get(tg.url(path)).send().await.expect("request");
         assert_eq!(r.status(), 200, "{path}; logs:\n{}", tg.logs());
     }
-    assert!(upstream.seen().iter().all(|s| s.accepted) && upstream.count() == 2);
+    assert!(upstream.seen().iter().all(|s| s.accepted) && upstream.count() == 3);
     let targets = connect_targets(&proxy);
-    assert!(targets.contains(&via_env.addr.to_string()), "HTTPS_PROXY was used: {targets:?}");
-    assert!(!targets.contains(&direct.addr.to_string()), "`proxy = \"none\"` went through the proxy: {targets:?}");
+    assert!(!targets.is_empty(), "HTTPS_PROXY was not used");
+    assert!(
+        targets.iter().all(|t| *t == via_env.addr.to_string()),
+        "only `envproxy` goes through the proxy: {targets:?}"
+    );
 }
 
 /// The token endpoint's certificate is verified: with neither `ca_file` nor the CA in the
