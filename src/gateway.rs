@@ -79,6 +79,8 @@ pub struct Gateway {
     /// these running values whatever the file now says.
     boot: Boot,
     inflight: AtomicUsize,
+    /// Every provider has held a usable token once (`/readyz` with `ready_requires = "startup"`).
+    ready_once: std::sync::atomic::AtomicBool,
     /// SIGHUP and the file watcher may reload at once; one at a time, so that no build
     /// starts drivers that a concurrent build then discards.
     reloading: std::sync::Mutex<()>,
@@ -147,6 +149,7 @@ impl Gateway {
             store,
             boot,
             inflight: AtomicUsize::new(0),
+            ready_once: std::sync::atomic::AtomicBool::new(false),
             reloading: std::sync::Mutex::new(()),
         }))
     }
@@ -200,6 +203,14 @@ impl Gateway {
     /// The token store (for the admin API: what it is and whether a shared one is reachable).
     pub fn store(&self) -> &Arc<dyn TokenStore> {
         &self.store
+    }
+
+    /// Latch start-up readiness: once every provider has held a token, stay ready.
+    pub fn latch_ready(&self, all_valid_now: bool) -> bool {
+        if all_valid_now {
+            self.ready_once.store(true, Ordering::Release);
+        }
+        self.ready_once.load(Ordering::Acquire)
     }
 
     pub fn inflight(&self) -> usize {
@@ -379,6 +390,7 @@ fn peer_for(r: &RouteSpec, settings: &Settings) -> Result<HttpPeer, BuildError> 
     let mut peer = HttpPeer::new(unresolved, u.tls, u.sni.clone());
     peer.options.connection_timeout = Some(settings.proxy.upstream_connect_timeout);
     peer.options.read_timeout = Some(settings.proxy.upstream_read_timeout);
+    peer.options.idle_timeout = Some(settings.proxy.upstream_idle_timeout);
     peer.options.verify_cert = u.tls_verify;
     peer.options.verify_hostname = u.tls_verify;
     if let Some(ca) = &u.ca_file {

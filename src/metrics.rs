@@ -25,6 +25,8 @@ pub struct Metrics {
     pub fleet_fallback_total: IntCounterVec,
     pub token_source_total: IntCounterVec,
     pub build_info: IntGaugeVec,
+    pub redis_duration: HistogramVec,
+    pub redis_errors_total: IntCounterVec,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -138,6 +140,17 @@ impl Metrics {
                 &["provider", "source"],
             ),
             build_info: igauge("tollgate_build_info", "Build information; always 1.", &["version"]),
+            redis_duration: hist(
+                "tollgate_redis_duration_seconds",
+                "Round trips to the Redis store (fleet mode), by operation, failed ones included.",
+                &["operation"],
+                vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5],
+            ),
+            redis_errors_total: counter(
+                "tollgate_redis_errors_total",
+                "Redis store operations that failed or timed out, by operation.",
+                &["operation"],
+            ),
             registry,
         };
         m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);

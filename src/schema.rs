@@ -114,6 +114,11 @@ pub struct ProxyConfig {
     /// … and no later than this, whatever the TTL.
     #[serde(default = "default_dns_refresh_max", with = "humantime_serde")]
     pub upstream_dns_refresh_max: Duration,
+    /// How long an idle upstream connection is kept for reuse. Below the idle timeouts of
+    /// common load balancers and servers (60 s and more), so tollgate drops a connection
+    /// before the far end forgets it and a request is never sent into a dead one.
+    #[serde(default = "default_upstream_idle_timeout", with = "humantime_serde")]
+    pub upstream_idle_timeout: Duration,
 }
 
 fn default_dns_refresh_min() -> Duration {
@@ -122,6 +127,10 @@ fn default_dns_refresh_min() -> Duration {
 
 fn default_dns_refresh_max() -> Duration {
     Duration::from_secs(300)
+}
+
+fn default_upstream_idle_timeout() -> Duration {
+    Duration::from_secs(50)
 }
 
 fn default_keepalive_pool() -> usize {
@@ -142,6 +151,7 @@ impl Default for ProxyConfig {
             allow_from: Vec::new(),
             upstream_dns_refresh_min: default_dns_refresh_min(),
             upstream_dns_refresh_max: default_dns_refresh_max(),
+            upstream_idle_timeout: default_upstream_idle_timeout(),
         }
     }
 }
@@ -154,11 +164,23 @@ pub struct AdminConfig {
     /// Bearer token required on every admin path except `/healthz` and `/readyz`.
     #[serde(default)]
     pub token: Option<SecretSource>,
+    /// What `/readyz` demands: `startup` (default: every provider held a token once since
+    /// start) or `always` (every provider holds a usable token now).
+    #[serde(default)]
+    pub ready_requires: ReadyRequiresConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReadyRequiresConfig {
+    #[default]
+    Startup,
+    Always,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        AdminConfig { listen: default_admin_listen(), token: None }
+        AdminConfig { listen: default_admin_listen(), token: None, ready_requires: ReadyRequiresConfig::default() }
     }
 }
 

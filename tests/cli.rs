@@ -174,3 +174,26 @@ provider = "p"
     assert_eq!(code, 2);
     assert!(err.contains("providers.p.show") && err.contains("never shown"), "{err}");
 }
+
+#[test]
+fn check_validates_a_redis_store_without_printing_its_password_or_keys() {
+    let key = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+    let store = format!(
+        "\n[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379/2\"\nusername = \"tg\"\npassword = \"REDIS-PASSWORD-VALUE\"\nencryption_keys = [\"{key}\"]\n"
+    );
+    let (code, out, err) = check(&format!("{GOOD}{store}"), &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("store: redis redis://127.0.0.1:6379/2 user tg password <redacted>"), "{out}");
+    assert!(out.contains("encryption_keys 1"), "{out}");
+    for secret in ["REDIS-PASSWORD-VALUE", key] {
+        assert!(!out.contains(secret) && !err.contains(secret), "printed a store secret");
+    }
+    // A key of the wrong size is named, and not echoed.
+    let bad = store.replace(key, "dG9vLXNob3J0");
+    let (code, out, err) = check(&format!("{GOOD}{bad}"), &[]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("store.encryption_keys.0") && !err.contains("dG9vLXNob3J0") && !out.contains("dG9vLXNob3J0"),
+        "{err}"
+    );
+}

@@ -194,6 +194,24 @@ const SMUGGLING: &[(&str, &[u8], u16, bool)] = &[
     ),
     ("Content-Length list", b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 70\r\n\r\nhello", 400, false),
     ("signed Content-Length", b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: +5\r\n\r\nhello", 400, false),
+    // RFC 9110 §8.6: pingora reconciles equal values for its own framing but would forward
+    // the list; an upstream reading it differently would take the body for a request.
+    (
+        "Content-Length list of equal values",
+        b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 5\r\n\r\nhello",
+        400,
+        true,
+    ),
+    (
+        "Content-Length repeated",
+        b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+        400,
+        true,
+    ),
+    // RFC 9112 §3.2: pingora would percent-encode the stray space and forward `%20/a`.
+    ("two spaces after the method", b"POST  /a HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 400, true),
+    ("HTTP/1.1 without Host", b"GET /a HTTP/1.1\r\nX-A: b\r\n\r\n", 400, true),
+    ("HTTP/1.1 POST without Host", b"POST /a HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello", 400, true),
     ("xchunked", b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n", 400, false),
     (
         "chunked, identity",
@@ -256,6 +274,32 @@ async fn smuggling_inputs_are_refused_and_nothing_is_forwarded() {
     let r = exchange(tg.proxy, b"GET /clean HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
     assert_eq!(r.status(), 200, "{}", r.text);
     assert_eq!(upstream.seen().pop().map(|s| s.path), Some("/clean".to_string()));
+}
+
+/// What the framing checks must not refuse: one `Content-Length`, HTTP/1.0 without
+/// `Host`, an absolute-form target, a percent-encoded space inside the path.
+#[tokio::test(flavor = "multi_thread")]
+async fn strict_framing_still_passes_what_the_rfcs_allow() {
+    let (_idp, upstream, _l, tg) = setup(None).await;
+    let cases: &[(&str, &[u8], &str, &[u8])] = &[
+        (
+            "one Content-Length",
+            b"POST /one HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+            "/one",
+            b"hello",
+        ),
+        ("HTTP/1.0 without Host", b"GET /old HTTP/1.0\r\n\r\n", "/old", b""),
+        ("absolute-form target", b"GET http://x/abs HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", "/abs", b""),
+        ("encoded space", b"GET /a%20b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", "/a%20b", b""),
+    ];
+    for &(what, bytes, path, body) in cases {
+        let r = exchange(tg.proxy, bytes).await;
+        assert_eq!(r.status(), 200, "{what}: {}", r.text);
+        let s = upstream.seen().pop().unwrap();
+        assert_eq!((s.path.as_str(), s.body.as_slice()), (path, body), "{what}");
+        let lengths: Vec<_> = s.headers.iter().filter(|(k, _)| k == "content-length").map(|(_, v)| v).collect();
+        assert!(lengths.len() <= 1 && lengths.iter().all(|v| v.parse::<usize>().is_ok()), "{what}: {lengths:?}");
+    }
 }
 
 /// pingora reads a chunked body while already streaming it upstream, so a malformed chunk

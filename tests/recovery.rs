@@ -125,3 +125,74 @@ async fn graphql_unauthenticated_invalidates_the_token_when_enabled() {
     assert_ne!(last_token(&upstream), first, "the next request carries a new token");
     assert_eq!(idp.count(), 2);
 }
+
+/// How many times the upstream saw `method path`.
+fn times_seen(u: &Upstream, method: &str, path: &str) -> usize {
+    u.seen().iter().filter(|s| s.method == method && s.path == path).count()
+}
+
+/// Only an authentication status replays a request, and a non-idempotent one only after
+/// a 401: a POST answered 503 (not a token problem) or 403 (the upstream may have done
+/// part of the work) reaches the upstream once; a GET answered 403 is replayed.
+#[tokio::test(flavor = "multi_thread")]
+async fn only_a_401_replays_a_post_and_a_503_replays_nothing() {
+    let (idp, upstream, _ledger, tg) = setup("reauth_min_interval = \"100ms\"", "retry_on_status = [401, 403]\n").await;
+    let c = client();
+    assert_eq!(c.get(tg.url("/warm")).send().await.unwrap().status(), 200);
+    let fetched = idp.count();
+
+    let r = c.post(tg.url("/status/503")).body(r#"{"pay": 10}"#).send().await.unwrap();
+    assert_eq!(r.status(), 503, "the upstream's 503 passes through");
+    assert_eq!(times_seen(&upstream, "POST", "/status/503"), 1, "a POST answered 503 is never replayed");
+    assert_eq!(idp.count(), fetched, "a 503 says nothing about the token");
+
+    let r = c.post(tg.url("/status/403")).body(r#"{"pay": 10}"#).send().await.unwrap();
+    assert_eq!(r.status(), 403, "the upstream's 403 passes through");
+    assert_eq!(times_seen(&upstream, "POST", "/status/403"), 1, "a POST answered 403 is not replayed");
+    // The rejection still invalidates the token; the driver renews it in the background.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while idp.count() == fetched && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(idp.count(), fetched + 1, "the token was still invalidated and renewed");
+
+    tokio::time::sleep(Duration::from_millis(200)).await; // past reauth_min_interval
+    let r = c.get(tg.url("/status/403")).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(times_seen(&upstream, "GET", "/status/403"), 2, "a GET answered 403 is replayed once");
+    let seen = upstream.seen();
+    let gets: Vec<_> = seen.iter().filter(|s| s.path == "/status/403" && s.method == "GET").collect();
+    assert_ne!(gets[0].bearer(), gets[1].bearer(), "the replay carries the new token");
+}
+
+/// `retry_on_status` accepts authentication statuses only; anything else stops both
+/// `check` and `run`, naming the key.
+#[test]
+fn retry_on_status_outside_401_403_407_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    for list in ["[503]", "[401, 503]", "[500]"] {
+        let path = dir.path().join("t.toml");
+        let text = format!(
+            "[providers.p]\nkind = \"oauth2\"\ntoken_url = \"http://127.0.0.1:9/t\"\nclient_id = \"a\"\n\
+             client_secret = \"b\"\n[[routes]]\nupstream = \"http://127.0.0.1:9\"\nprovider = \"p\"\n\
+             retry_on_status = {list}\n"
+        );
+        std::fs::write(&path, text).unwrap();
+        for cmd in ["check", "run"] {
+            let out = run_cli(&[cmd, "--config", path.to_str().unwrap()], dir.path());
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{cmd} {list}: {err}");
+            assert!(err.contains("routes.0.retry_on_status") && err.contains("authentication status"), "{cmd}: {err}");
+        }
+    }
+    let path = dir.path().join("ok.toml");
+    std::fs::write(
+        &path,
+        "[providers.p]\nkind = \"oauth2\"\ntoken_url = \"http://127.0.0.1:9/t\"\nclient_id = \"a\"\n\
+         client_secret = \"b\"\n[[routes]]\nupstream = \"http://127.0.0.1:9\"\nprovider = \"p\"\n\
+         retry_on_status = [401, 403, 407]\n",
+    )
+    .unwrap();
+    let out = run_cli(&["check", "--config", path.to_str().unwrap()], dir.path());
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+}

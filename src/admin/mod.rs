@@ -15,6 +15,7 @@ use axum::{Json, Router};
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
+use crate::config::ReadyRequires;
 use crate::gateway::Gateway;
 use crate::metrics;
 use crate::token::ProviderState;
@@ -77,19 +78,26 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// Ready when every provider holds a usable token: an app started behind tollgate then
-/// never sees a 503 for lack of one.
+/// Ready when every provider holds a usable token, so that an app started behind
+/// tollgate never sees a 503 for lack of one. With `ready_requires = "startup"` (the
+/// default) that is required once: afterwards an IdP outage or an awaited login does not
+/// take every replica out of the Service at once (the routes needing no token keep
+/// working, and the ones needing it answer 503 JSON with `Retry-After`).
 async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
     let active = gw.active();
-    let mut ready = true;
+    let mut all_valid = true;
     let mut states = serde_json::Map::new();
     for (name, h) in &active.providers {
         let state = h.cell.state();
-        ready &= matches!(state, ProviderState::Valid | ProviderState::Degraded);
+        all_valid &= matches!(state, ProviderState::Valid | ProviderState::Degraded);
         states.insert(name.clone(), json!(state.as_str()));
     }
+    let ready = match active.settings.admin.ready_requires {
+        ReadyRequires::Always => all_valid,
+        ReadyRequires::Startup => gw.latch_ready(all_valid),
+    };
     let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (code, Json(json!({"ready": ready, "providers": states}))).into_response()
+    (code, Json(json!({"ready": ready, "all_providers_valid": all_valid, "providers": states}))).into_response()
 }
 
 async fn metrics_text(State(gw): State<Arc<Gateway>>) -> Response {

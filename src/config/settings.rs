@@ -72,12 +72,25 @@ pub struct ProxySettings {
     /// Floor and ceiling on the interval between resolutions of an upstream host.
     pub upstream_dns_refresh_min: Duration,
     pub upstream_dns_refresh_max: Duration,
+    pub upstream_idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdminSettings {
     pub listen: SocketAddr,
     pub token: Option<Secret>,
+    pub ready_requires: ReadyRequires,
+}
+
+/// What `/readyz` demands before it answers 200.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadyRequires {
+    /// Every provider has held a usable token once since start; after that the process
+    /// stays ready (an IdP outage or an awaited login does not take every replica out of
+    /// the Service at once, including the routes that need no token).
+    Startup,
+    /// Every provider holds a usable token now.
+    Always,
 }
 
 /// What a route does when the client sends the header tollgate would inject.

@@ -15,6 +15,9 @@ use crate::provider::{EgressProxy, HttpClientSpec, ProviderKind, ProviderSpec, T
 use crate::schema::{AuthorizationConfig, FileConfig, ProviderConfig, RouteConfig, StoreConfig, StoreKind};
 use crate::secret::{Secret, SecretSource};
 
+/// The statuses a route's `retry_on_status` may list: those that reject a credential.
+const AUTH_STATUSES: [u16; 3] = [401, 403, 407];
+
 /// Where the file store lives unless `store.path` says otherwise.
 pub const DEFAULT_STORE_PATH: &str = "/var/lib/tollgate/tokens.json";
 
@@ -117,6 +120,7 @@ impl Validator<'_> {
             upstream_dns_refresh_min: self
                 .nonzero("proxy.upstream_dns_refresh_min", raw.proxy.upstream_dns_refresh_min)?,
             upstream_dns_refresh_max: raw.proxy.upstream_dns_refresh_max,
+            upstream_idle_timeout: self.nonzero("proxy.upstream_idle_timeout", raw.proxy.upstream_idle_timeout)?,
         };
         if proxy.upstream_dns_refresh_max < proxy.upstream_dns_refresh_min {
             return Err(
@@ -176,7 +180,14 @@ impl Validator<'_> {
 
         Ok(Settings {
             proxy,
-            admin: AdminSettings { listen: admin_listen, token: admin_token },
+            admin: AdminSettings {
+                listen: admin_listen,
+                token: admin_token,
+                ready_requires: match raw.admin.ready_requires {
+                    crate::schema::ReadyRequiresConfig::Startup => ReadyRequires::Startup,
+                    crate::schema::ReadyRequiresConfig::Always => ReadyRequires::Always,
+                },
+            },
             providers,
             routes,
             watched_files: watched,
@@ -489,8 +500,16 @@ impl Validator<'_> {
             preserve_host: r.preserve_host,
             set_headers,
             retry_on_status: {
-                if let Some(bad) = r.retry_on_status.iter().find(|s| !(100..=599).contains(*s)) {
-                    return Err(self.err(key("retry_on_status"), format!("{bad} is not an HTTP status")));
+                // Only statuses that say "this credential was refused" invalidate the token
+                // and replay the request: after any other status (a 503, say) the upstream
+                // may already have acted on the request, and the token is not at fault.
+                if let Some(bad) = r.retry_on_status.iter().find(|s| !AUTH_STATUSES.contains(*s)) {
+                    return Err(self.err(
+                        key("retry_on_status"),
+                        format!(
+                            "{bad} is not an authentication status; only 401, 403 and 407 may be listed (a replay after another status could repeat a request the upstream already executed)"
+                        ),
+                    ));
                 }
                 r.retry_on_status.clone()
             },
@@ -660,6 +679,18 @@ mod tests {
         assert!(e.contains("proxy.upstream_dns_refresh_max"), "{e}");
         let e = err(&format!("[proxy]\nupstream_dns_refresh_min = \"0s\"\n{BASE}"));
         assert!(e.contains("proxy.upstream_dns_refresh_min"), "{e}");
+    }
+
+    #[test]
+    fn retry_on_status_takes_only_authentication_statuses() {
+        for ok in ["[]", "[401]", "[401, 403]", "[407]"] {
+            let s = load_str(&format!("{BASE}retry_on_status = {ok}\n"), Path::new("t.toml")).unwrap();
+            assert_eq!(s.routes[0].retry_on_status.len(), ok.matches(',').count() + usize::from(ok != "[]"));
+        }
+        for bad in ["[503]", "[401, 503]", "[400]", "[200]", "[0]", "[999]"] {
+            let e = err(&format!("{BASE}retry_on_status = {bad}\n"));
+            assert!(e.contains("routes.0.retry_on_status") && e.contains("not an authentication status"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -16,13 +16,24 @@
 //!   doubly chunked body once;
 //! - bare LF line endings, which httparse accepts but other parsers split differently;
 //! - headers over [`MAX_REQUEST_HEADER_BYTES`], answered `431` rather than forwarded to an
-//!   upstream that may choke on them.
+//!   upstream that may choke on them;
+//! - a `Content-Length` that is a list (`5, 5`) or repeated: pingora reconciles equal
+//!   values for its own framing but forwards the field unchanged, so an upstream that
+//!   answers without reading the body, and keeps the connection, may read the body as a
+//!   next request (RFC 9110 §8.6 allows refusing it);
+//! - a request-target in none of the forms RFC 9112 §3.2 defines. pingora percent-encodes
+//!   what httparse refuses in a request line and parses it again, so `POST  /x` (two
+//!   spaces) would be forwarded as `POST %20/x`; §3.2 says not to autocorrect. The
+//!   encoding hides what was sent, so the check is on the result: a target that is not
+//!   origin-form (`/…`), absolute-form (`scheme:…`) or `*` (OPTIONS) is refused;
+//! - an HTTP/1.1 request without `Host` (RFC 9112 §3.2: answer 400). pingora itself
+//!   refuses more than one `Host`, and a `Host` that differs from an absolute-form target.
 //!
 //! An `Upgrade` header that `Connection` does not name is dropped: pingora would turn such
 //! a request into a WebSocket handshake upstream, while a front proxy that read it as a
 //! plain request would go on sending HTTP into the tunnel.
 
-use http::header::{CONNECTION, TRANSFER_ENCODING, UPGRADE};
+use http::header::{CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING, UPGRADE};
 use pingora::http::RequestHeader;
 use pingora::proxy::Session;
 
@@ -61,8 +72,15 @@ pub fn check(session: &mut Session) -> Result<(), Rejection> {
         if has_bare_lf(&raw) {
             return Err(Rejection::new(400, "bad_request", "header lines must end in CRLF"));
         }
-        if session.req_header().headers.contains_key(TRANSFER_ENCODING) {
-            check_transfer_encoding(session.req_header(), &raw)?;
+        let req = session.req_header();
+        check_request_target(req)?;
+        if req.version == http::Version::HTTP_11 && !req.headers.contains_key(HOST) {
+            return Err(Rejection::new(400, "bad_request", "a Host header is required (RFC 9112 §3.2)"));
+        }
+        if req.headers.contains_key(TRANSFER_ENCODING) {
+            check_transfer_encoding(req, &raw)?;
+        } else {
+            check_content_length(req)?;
         }
     }
     let req = session.req_header();
@@ -99,6 +117,50 @@ fn check_transfer_encoding(req: &RequestHeader, raw: &[u8]) -> Result<(), Reject
         return Err(Rejection::new(400, "bad_request", "chunked must be applied exactly once"));
     }
     Ok(())
+}
+
+/// `Content-Length` must be one field holding one value. pingora has already refused
+/// differing or malformed values; what is left is a repetition of the same value, in a
+/// list or in several fields.
+fn check_content_length(req: &RequestHeader) -> Result<(), Rejection> {
+    let mut fields = req.headers.get_all(CONTENT_LENGTH).into_iter();
+    let single = match (fields.next(), fields.next()) {
+        (None, _) => true,
+        (Some(v), None) => v.as_bytes().iter().all(u8::is_ascii_digit),
+        (Some(_), Some(_)) => false,
+    };
+    if single {
+        Ok(())
+    } else {
+        Err(Rejection::new(400, "bad_request", "Content-Length must be a single value"))
+    }
+}
+
+/// The request-target must be in one of RFC 9112's forms: origin-form (`/path?query`),
+/// absolute-form (`scheme:…`, as sent to a forward proxy) or asterisk-form (`*`, OPTIONS
+/// only). CONNECT's authority-form never gets here: pingora answers CONNECT 405.
+fn check_request_target(req: &RequestHeader) -> Result<(), Rejection> {
+    let target = req.raw_path();
+    let ok = match target.first() {
+        Some(b'/') => true,
+        Some(b'*') => target.len() == 1 && req.method == http::Method::OPTIONS,
+        Some(c) if c.is_ascii_alphabetic() => {
+            // scheme = ALPHA *( ALPHA / DIGIT / "+" / "-" / "." ), then ":"
+            let scheme_len =
+                target.iter().take_while(|c| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'-' | b'.')).count();
+            target.get(scheme_len) == Some(&b':')
+        }
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(Rejection::new(
+            400,
+            "bad_request",
+            "invalid request line: method, one space, request-target, one space, HTTP version",
+        ))
+    }
 }
 
 /// Whether the header holds an LF not preceded by CR. Written branch-free so that it
@@ -159,6 +221,40 @@ mod tests {
         assert_eq!(check_transfer_encoding(&req(&["gzip, chunked"]), raw).map_err(|r| r.status).err(), Some(501));
         assert_eq!(check_transfer_encoding(&req(&["chunked", "chunked"]), raw).map_err(|r| r.status).err(), Some(400));
         assert_eq!(check_transfer_encoding(&req(&["chunked,chunked"]), raw).map_err(|r| r.status).err(), Some(400));
+    }
+
+    #[test]
+    fn content_length_must_be_one_value() {
+        let req = |cl: &[&str]| {
+            let mut r = RequestHeader::build("POST", b"/", None).unwrap();
+            for v in cl {
+                r.append_header(CONTENT_LENGTH, *v).unwrap();
+            }
+            r
+        };
+        assert!(check_content_length(&req(&[])).is_ok());
+        assert!(check_content_length(&req(&["5"])).is_ok());
+        assert!(check_content_length(&req(&["0"])).is_ok());
+        for bad in [&["5, 5"][..], &["5,5"], &["5", "5"], &[" 5"]] {
+            assert_eq!(check_content_length(&req(bad)).map_err(|r| r.status).err(), Some(400), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn request_target_must_be_in_a_known_form() {
+        let req = |m: &str, t: &[u8]| RequestHeader::build(m, t, None).unwrap();
+        for (m, t) in [
+            ("GET", &b"/"[..]),
+            ("GET", b"/a/b?c=d%20e"),
+            ("GET", b"http://example.com/x"),
+            ("OPTIONS", b"*"),
+            ("OPTIONS", b"/x"),
+        ] {
+            assert!(check_request_target(&req(m, t)).is_ok(), "{m} {}", String::from_utf8_lossy(t));
+        }
+        for (m, t) in [("POST", &b"%20/x"[..]), ("GET", b"*"), ("OPTIONS", b"*x"), ("GET", b"%09/x"), ("GET", b"a/b")] {
+            assert!(check_request_target(&req(m, t)).is_err(), "{m} {}", String::from_utf8_lossy(t));
+        }
     }
 
     #[test]

@@ -236,7 +236,7 @@ impl ProxyHttp for TollgateProxy {
 
     /// An upstream rejection of the injected token: invalidate that token (by generation,
     /// so concurrent rejections cause one refetch) and replay the request once with a
-    /// new one when its body is still held in the retry buffer. Otherwise, or when no new
+    /// new one when [`may_replay_after_rejection`] allows it. Otherwise, or when no new
     /// token comes in time, the upstream's answer passes through untouched.
     async fn upstream_response_filter(
         &self,
@@ -256,7 +256,13 @@ impl ProxyHttp for TollgateProxy {
         metrics::get().upstream_auth_rejected_total.with_label_values(&[&route.spec.name]).inc();
         let invalidated = cell.invalidate(token.generation, route.reauth_min_interval);
         warn!(route = %route.spec.name, provider = %cell.name(), status, generation = token.generation, invalidated, "upstream rejected the token");
-        if ctx.auth_retried || session.retry_buffer_truncated() {
+        if ctx.auth_retried {
+            return Ok(());
+        }
+        let idempotent = session.req_header().method.is_idempotent();
+        let buffered = !session.retry_buffer_truncated();
+        let body_done = session.is_body_done();
+        if !may_replay_after_rejection(status, idempotent, buffered, body_done) {
             return Ok(());
         }
         match cell.obtain(ctx.token_wait).await {
@@ -306,27 +312,31 @@ impl ProxyHttp for TollgateProxy {
         Ok(None)
     }
 
-    /// pingora's default refuses to replay non-idempotent requests. A token rejection is
-    /// different: the upstream did not act on the request, so any request whose body is
-    /// still complete in the retry buffer may be replayed, once.
+    /// Whether a failed attempt is tried again (on another pooled or a new connection).
+    /// Our token-rejection replay was decided in `upstream_response_filter`. Otherwise see
+    /// [`retry_after_failure`]; `upstream_reused` says the attempt ran on a pooled
+    /// connection.
     fn error_while_proxy(
         &self,
         peer: &HttpPeer,
         session: &mut Session,
         e: Box<Error>,
         ctx: &mut Ctx,
-        client_reused: bool,
+        upstream_reused: bool,
     ) -> Box<Error> {
+        let nothing_sent = upstream_reused && request_header_unsent(&e);
         let mut e = e.more_context(format!("Peer: {peer}"));
         if std::mem::take(&mut ctx.auth_retry_pending) {
             e.set_retry(!session.as_ref().retry_buffer_truncated());
             return e;
         }
-        if !session.req_header().method.is_idempotent() || session.as_ref().retry_buffer_truncated() {
-            e.set_retry(false);
-        } else {
-            e.retry.decide_reuse(client_reused);
-        }
+        let idempotent = session.req_header().method.is_idempotent();
+        let buffered = !session.as_ref().retry_buffer_truncated();
+        // pingora marks "closed or reset before any response byte" as retryable on a
+        // reused connection only (`ReusedOnly`); resolve that first.
+        e.retry.decide_reuse(upstream_reused);
+        let retry = retry_after_failure(e.retry(), nothing_sent, idempotent, buffered);
+        e.set_retry(retry);
         e
     }
 
@@ -367,6 +377,15 @@ impl ProxyHttp for TollgateProxy {
         FailToProxy { error_code: code, can_reuse_downstream: false }
     }
 
+    /// What pingora prints about the request in its own log lines ("Fail to proxy: …").
+    /// Its default is the request line's target, query string included, which may carry
+    /// personal data or keys; like the access log, this gives the path alone.
+    fn request_summary(&self, session: &Session, _ctx: &Ctx) -> String {
+        let req = session.req_header();
+        let host = req.headers.get(HOST).map(|h| String::from_utf8_lossy(h.as_bytes()));
+        format!("{} {}, Host: {}", req.method.as_str(), req.uri.path(), host.as_deref().unwrap_or("-"))
+    }
+
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         let status = match session.response_written() {
             Some(r) => r.status.as_u16(),
@@ -401,6 +420,40 @@ impl ProxyHttp for TollgateProxy {
             });
             println!("{line}");
         }
+    }
+}
+
+/// Whether a failed attempt is tried again. `pingora_says` is pingora's verdict for an
+/// idempotent request (a reused connection that closed or reset before any byte of the
+/// response, which is what an upstream or load balancer that dropped an idle connection
+/// does). A request whose header could not even be written to a reused connection
+/// (`nothing_sent`) reached nobody, so it is tried again whatever its method. A
+/// non-idempotent request that was sent is not: the upstream may have acted on it (RFC
+/// 9110 §9.2.2). Nothing is tried again once its body has outgrown the retry buffer.
+fn retry_after_failure(pingora_says: bool, nothing_sent: bool, idempotent: bool, buffered: bool) -> bool {
+    buffered && (nothing_sent || (idempotent && pingora_says))
+}
+
+/// Whether `e` is pingora's failure to write the request header to the upstream, so that
+/// no byte of the request reached it (a header fits one write; a timed-out write may have
+/// sent part of it and does not count).
+fn request_header_unsent(e: &Error) -> bool {
+    matches!(e.etype(), ErrorType::WriteError)
+        && e.context.as_ref().is_some_and(|c| c.as_str().starts_with("while writing request headers"))
+}
+
+/// Whether a request the upstream answered with `status` (one of the route's
+/// `retry_on_status`) may be replayed with a new token. An idempotent request may, after
+/// any listed status, while its body is held whole in the retry buffer (`buffered`). A
+/// non-idempotent one (POST, PATCH, …) only after a 401, which says the upstream refused
+/// the credential before acting, and only when its body was read to the end into the
+/// buffer (`body_done`): a 403 or 407 may come from a server that did part of the work,
+/// and a body still arriving cannot be replayed whole.
+fn may_replay_after_rejection(status: u16, idempotent: bool, buffered: bool, body_done: bool) -> bool {
+    if idempotent {
+        buffered
+    } else {
+        status == 401 && buffered && body_done
     }
 }
 
@@ -439,4 +492,45 @@ fn rewrite_path(req: &mut RequestHeader, spec: &crate::config::RouteSpec) -> Res
     let uri = new.parse::<http::Uri>().or_err(ErrorType::InternalError, "rewritten path is not a valid URI")?;
     req.set_uri(uri);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_401_replays_a_non_idempotent_request_and_only_with_its_whole_body() {
+        // Idempotent: after any listed status, while the body is buffered.
+        for status in [401, 403, 407] {
+            assert!(may_replay_after_rejection(status, true, true, false));
+            assert!(!may_replay_after_rejection(status, true, false, true));
+        }
+        assert!(may_replay_after_rejection(401, false, true, true));
+        assert!(!may_replay_after_rejection(401, false, true, false), "body still arriving");
+        assert!(!may_replay_after_rejection(401, false, false, true), "body outgrew the buffer");
+        assert!(!may_replay_after_rejection(403, false, true, true));
+        assert!(!may_replay_after_rejection(407, false, true, true));
+    }
+
+    #[test]
+    fn a_request_that_reached_nobody_is_retried_whatever_its_method() {
+        assert!(retry_after_failure(false, true, false, true), "POST whose header was never written");
+        assert!(retry_after_failure(true, false, true, true), "GET on a reused connection that closed");
+        assert!(!retry_after_failure(true, false, false, true), "a POST that was sent may have been applied");
+        assert!(!retry_after_failure(false, false, true, true), "a fresh connection's failure is not retried");
+        assert!(!retry_after_failure(true, true, true, false), "nothing once the body outgrew the buffer");
+    }
+
+    #[test]
+    fn only_a_failed_header_write_counts_as_nothing_sent() {
+        let io = std::io::Error::from(std::io::ErrorKind::BrokenPipe);
+        let header = Error::because(ErrorType::WriteError, "while writing request headers", io).into_up();
+        assert!(request_header_unsent(&header));
+        let body = Error::explain(ErrorType::WriteError, "while writing body").into_up();
+        assert!(!request_header_unsent(&body));
+        let timeout = Error::explain(ErrorType::WriteTimedout, "while writing request headers (timeout)");
+        assert!(!request_header_unsent(&timeout));
+        let read = Error::explain(ErrorType::ConnectionClosed, "while reading response headers");
+        assert!(!request_header_unsent(&read));
+    }
 }

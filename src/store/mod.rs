@@ -12,6 +12,8 @@ mod entries;
 mod file;
 pub mod fleet;
 mod memory;
+pub mod redis;
+pub mod seal;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -19,9 +21,11 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+pub use self::redis::RedisStore;
 use crate::config::StoreSettings;
 pub use entries::PURGE_AFTER;
 pub use file::FileStore;
+pub use fleet::{Fleet, FleetMessage, Lease};
 pub use memory::MemoryStore;
 
 /// Per-entry version for compare-and-swap. 0 means "no entry".
@@ -94,6 +98,17 @@ pub enum StoreError {
     /// may be stopped or stuck on a dead disk). Nothing was read or written.
     #[error("token store `{path}`: its lock `{lock}` was not obtained within {secs} s; another process holds it")]
     LockTimeout { path: PathBuf, lock: PathBuf, secs: u64 },
+    /// Redis answered with an error or could not be reached. `reason` is the error's
+    /// class and code (never a value: no token, no password).
+    #[error("redis store {target}: {operation} failed: {reason}")]
+    Redis { target: String, operation: &'static str, reason: String },
+    /// Redis did not answer within `store.timeout`: a hung or unreachable Redis must not
+    /// hold a provider up.
+    #[error("redis store {target}: {operation} got no answer within {ms} ms")]
+    RedisTimeout { target: String, operation: &'static str, ms: u64 },
+    /// The Redis settings cannot work (an unparsable URL, a bad encryption key).
+    #[error("redis store: {0}")]
+    RedisConfig(String),
 }
 
 #[async_trait::async_trait]
@@ -108,23 +123,21 @@ pub trait TokenStore: Send + Sync {
     /// (see [`PURGE_AFTER`] and `entries::purgeable` for the rule).
     fn set_live(&self, keys: BTreeSet<String>);
     fn describe(&self) -> String;
-    /// The fleet coordination this store offers (a store shared by replicas).
-    fn fleet(&self) -> Option<&dyn fleet::Fleet> {
+    /// The fleet operations (lease, fenced write, invalidation, pending logins, messages)
+    /// of a store that several replicas share over the network; `None` for the local
+    /// stores, whose users each fetch their own tokens.
+    fn fleet(&self) -> Option<&dyn Fleet> {
         None
     }
 }
 
-/// Open the configured store. A corrupt or foreign file is an error naming the path.
+/// Open the configured store. A corrupt or foreign file is an error naming the path; the
+/// Redis store does not contact Redis here (tollgate starts while Redis is down).
 pub fn open(settings: &StoreSettings) -> Result<Arc<dyn TokenStore>, StoreError> {
     Ok(match settings {
         StoreSettings::Memory => Arc::new(MemoryStore::new()),
         StoreSettings::File(path) => Arc::new(FileStore::open(path.clone())?),
-        StoreSettings::Redis(_) => {
-            return Err(StoreError::Io {
-                path: PathBuf::from("redis"),
-                reason: "the Redis store is not built yet".into(),
-            })
-        }
+        StoreSettings::Redis(redis) => Arc::new(RedisStore::connect(redis.clone())?),
     })
 }
 

@@ -692,6 +692,8 @@ impl Driver {
     async fn restore(&mut self) -> Option<TokenMeta> {
         let loaded = match self.store.load(&self.key).await {
             Ok(Some(l)) => Some(l),
+            // Only a file store written by an older tollgate has entries under names.
+            Ok(None) if self.store.fleet().is_some() => None,
             Ok(None) => match self.store.load(&self.name).await {
                 Ok(Some(legacy)) if legacy.token.fingerprint == self.key => {
                     // Migrate: the first save writes it under the identity, then this goes.

@@ -199,6 +199,12 @@ pub struct Machine {
     pending_login: bool,
     /// Credentials changed while a request was in flight: fetch again with the new ones.
     refetch: bool,
+    /// When the last token request (acquire or refresh) started.
+    last_request_at: Option<Instant>,
+    /// The IdP asked not to be called before this (429 `Retry-After`).
+    not_before: Option<Instant>,
+    /// The clock reading of the event being handled.
+    now: Instant,
     rng: fastrand::Rng,
 }
 
@@ -217,6 +223,9 @@ impl Machine {
             wake_at: None,
             pending_login: false,
             refetch: false,
+            last_request_at: None,
+            not_before: None,
+            now: Instant::now(),
             rng: fastrand::Rng::with_seed(seed),
         }
     }
@@ -263,6 +272,7 @@ impl Machine {
         if self.retired {
             return out;
         }
+        self.now = now;
         let wake_before = self.wake_at;
         match event {
             Event::Shutdown => {
@@ -309,12 +319,18 @@ impl Machine {
                     let renewable = self.refresh_held || self.caps.can_acquire;
                     if self.in_flight.is_none() && (self.failures == 0 || !renewable) {
                         self.renew_or_end(now, true, &mut out);
+                    } else if self.in_flight.is_none() {
+                        self.pull_forward(now, &mut out);
                     }
                 }
             }
             Event::Demand => {
-                if self.started && self.in_flight.is_none() && self.failures == 0 && !self.token_usable(now) {
-                    self.renew_or_end(now, false, &mut out);
+                if self.started && self.in_flight.is_none() && !self.token_usable(now) {
+                    if self.failures == 0 {
+                        self.renew_or_end(now, false, &mut out);
+                    } else {
+                        self.pull_forward(now, &mut out);
+                    }
                 }
             }
             Event::Force => {
@@ -449,6 +465,7 @@ impl Machine {
         }
         let mut wait =
             schedule::backoff(self.failures, self.schedule.backoff_min, self.schedule.backoff_max, self.rng.f64());
+        self.not_before = f.retry_after.map(|ra| now + ra);
         if let Some(ra) = f.retry_after {
             wait = wait.max(ra);
         }
@@ -494,6 +511,29 @@ impl Machine {
         }
     }
 
+    /// Requests are waiting for a provider that holds no usable token and is backing off:
+    /// try again as soon as `backoff_min` has passed since the last request to the IdP,
+    /// not at the end of a backoff grown long during an outage. A request flood still
+    /// makes at most one IdP request per `backoff_min`; a quiet provider keeps the plain
+    /// backoff.
+    fn pull_forward(&mut self, now: Instant, out: &mut Vec<Action>) {
+        if !(self.refresh_held || self.caps.can_acquire) {
+            return;
+        }
+        let mut earliest = self.last_request_at.map_or(now, |t| t + self.schedule.backoff_min);
+        // The IdP's own `Retry-After` is never cut short.
+        if let Some(nb) = self.not_before {
+            earliest = earliest.max(nb);
+        }
+        if now >= earliest {
+            self.renew(out);
+        } else if self.wake_at.is_none_or(|w| w > earliest) {
+            self.wake_at = Some(earliest);
+            // Waiting requests learn that the next attempt is sooner and may wait for it.
+            out.push(Action::Report);
+        }
+    }
+
     fn renew(&mut self, out: &mut Vec<Action>) {
         if self.refresh_held {
             self.fetch(FetchKind::Refresh, out);
@@ -509,6 +549,9 @@ impl Machine {
         }
         self.in_flight = Some(kind);
         self.wake_at = None;
+        if matches!(kind, FetchKind::Acquire | FetchKind::Refresh) {
+            self.last_request_at = Some(self.now);
+        }
         out.push(Action::Fetch(kind));
     }
 

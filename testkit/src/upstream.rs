@@ -131,6 +131,11 @@ async fn handle(State(s): State<Arc<Inner>>, req: Request) -> Response {
             .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer error=\"invalid_token\""));
         return r;
     }
+    if let Some(code) = path.strip_prefix("/status/").and_then(|c| c.parse::<u16>().ok()) {
+        // Whatever status a test asks for, once the token was accepted.
+        let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return (status, Json(json!({"status": code, "path": path}))).into_response();
+    }
     if path.starts_with("/graphql-unauthenticated") {
         // What a GraphQL server answers to an unauthenticated query: 200 with an error.
         return Json(
@@ -159,4 +164,153 @@ async fn handle(State(s): State<Arc<Inner>>, req: Request) -> Response {
         "body_bytes": body.len(),
     }))
     .into_response()
+}
+
+/// How a [`RawUpstream`] treats its connections: faults a well-behaved HTTP server
+/// library cannot be made to show.
+#[derive(Debug, Clone, Copy)]
+pub enum RawBehaviour {
+    /// Answer every request `200` and keep the connection open, announcing no idle
+    /// timeout; but a request that arrives on a connection idle for longer than this is
+    /// met with a reset, unanswered. That is what a load balancer or NAT that silently
+    /// dropped an idle connection does: nothing is sent while idle, so the client's pool
+    /// still holds the connection when the next request goes out on it.
+    ForgetIdleAfter(Duration),
+    /// Answer with a header promising 100 bytes, send 10 of them, then close.
+    CloseMidResponse,
+}
+
+/// One request as a [`RawUpstream`] read it (whether or not it was answered).
+#[derive(Debug, Clone)]
+pub struct RawSeen {
+    pub method: String,
+    pub target: String,
+    pub body: Vec<u8>,
+}
+
+/// A minimal HTTP/1.1 upstream on a raw socket (Content-Length bodies only), for
+/// connection-level faults.
+#[derive(Clone)]
+pub struct RawUpstream {
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<RawSeen>>>,
+    resets: Arc<AtomicU32>,
+    connections: Arc<AtomicU32>,
+}
+
+/// Bound on the request header the raw double reads, and on each connection's requests.
+const RAW_MAX_HEADER: usize = 64 * 1024;
+const RAW_MAX_REQUESTS_PER_CONN: usize = 10_000;
+
+impl RawUpstream {
+    pub async fn start(behaviour: RawBehaviour) -> std::io::Result<Self> {
+        let (listener, addr) = crate::bind_loopback().await?;
+        let up = RawUpstream { addr, seen: Arc::default(), resets: Arc::default(), connections: Arc::default() };
+        let shared = up.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                shared.connections.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(shared.clone().serve(stream, behaviour));
+            }
+        });
+        Ok(up)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Every request read, in order (a forgotten connection's request is not read).
+    pub fn seen(&self) -> Vec<RawSeen> {
+        lock(&self.seen).clone()
+    }
+
+    /// How many connections were accepted.
+    pub fn connections(&self) -> u32 {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    /// How many requests arrived on a forgotten connection and were met with a reset.
+    pub fn resets(&self) -> u32 {
+        self.resets.load(Ordering::SeqCst)
+    }
+
+    async fn serve(self, mut stream: tokio::net::TcpStream, behaviour: RawBehaviour) {
+        use tokio::io::AsyncWriteExt;
+        let mut buf = Vec::new();
+        let mut last_answer: Option<tokio::time::Instant> = None;
+        for _ in 0..RAW_MAX_REQUESTS_PER_CONN {
+            if buf.is_empty() {
+                // Wait for the next request's first byte; a closed connection is no request.
+                let mut probe = [0u8; 1];
+                match stream.peek(&mut probe).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+            if let (RawBehaviour::ForgetIdleAfter(after), Some(at)) = (behaviour, last_answer) {
+                if at.elapsed() > after {
+                    // Forgotten: reset on the first byte of the next request.
+                    self.resets.fetch_add(1, Ordering::SeqCst);
+                    let _ = stream.set_zero_linger();
+                    return;
+                }
+            }
+            let Some(req) = read_request(&mut stream, &mut buf).await else { return };
+            lock(&self.seen).push(req);
+            match behaviour {
+                RawBehaviour::ForgetIdleAfter(_) => {
+                    let answer = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok";
+                    if stream.write_all(answer).await.is_err() {
+                        return;
+                    }
+                    last_answer = Some(tokio::time::Instant::now());
+                }
+                RawBehaviour::CloseMidResponse => {
+                    let answer =
+                        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100\r\n\r\n0123456789";
+                    let _ = stream.write_all(answer).await;
+                    let _ = stream.flush().await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Read one request (header and Content-Length body) from `stream`, keeping whatever
+/// follows it in `buf`. `None` on EOF, an error or a malformed request.
+async fn read_request(stream: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<RawSeen> {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = [0u8; 8192];
+    let header_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if buf.len() > RAW_MAX_HEADER {
+            return None;
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..header_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let mut request_line = lines.next()?.split(' ');
+    let (method, target) = (request_line.next()?.to_string(), request_line.next()?.to_string());
+    let length: usize = lines
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(0);
+    while buf.len() < header_end + length {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let body = buf[header_end..header_end + length].to_vec();
+    buf.drain(..header_end + length);
+    Some(RawSeen { method, target, body })
 }

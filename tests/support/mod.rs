@@ -15,6 +15,8 @@ pub use tollgate_testkit::idp::{Idp, IdpConfig, Mode};
 pub use tollgate_testkit::upstream::Upstream;
 pub use tollgate_testkit::Ledger;
 
+pub mod redis;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
 
 /// A loopback port that was free a moment ago.

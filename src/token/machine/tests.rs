@@ -93,7 +93,7 @@ fn failures_back_off_exponentially_and_keep_serving() {
         let wait = wake - now;
         assert!(wait >= Duration::from_millis(500) && wait <= S(60), "attempt {i}: {wait:?}");
         last_wait = last_wait.max(wait);
-        // Demand and rejections do not cut a backoff short: the IdP is protected.
+        // Demand does not cut a backoff short while the token is still usable.
         assert!(fetches(&m.handle(now, Event::Demand)).is_empty());
         now = wake;
         assert_eq!(fetches(&m.handle(now, Event::Tick)).len(), 1);
@@ -105,11 +105,45 @@ fn failures_back_off_exponentially_and_keep_serving() {
 }
 
 #[test]
+fn waiting_requests_pull_the_next_attempt_forward_at_most_once_per_backoff_min() {
+    let t0 = Instant::now();
+    let sched = Schedule { refresh_before: S(1), backoff_min: S(1), backoff_max: S(60) };
+    let mut m = Machine::new(sched, MACHINE, 5);
+    m.handle(t0, Event::Start { stored: None });
+    // A long outage: the backoff grows to a minute.
+    let mut now = t0;
+    for _ in 0..12 {
+        m.handle(now, Event::Failed(outage()));
+        now = m.wake_at().expect("retry");
+        m.handle(now, Event::Tick);
+    }
+    m.handle(now, Event::Failed(outage()));
+    let scheduled = m.wake_at().expect("retry");
+    assert!(scheduled > now + S(10), "the backoff has grown: {:?}", scheduled - now);
+    // Requests arrive: the next attempt moves to one backoff_min after the last request.
+    let a = m.handle(now + Duration::from_millis(200), Event::Demand);
+    assert!(fetches(&a).is_empty(), "not sooner than backoff_min");
+    assert_eq!(m.wake_at(), Some(now + S(1)));
+    // A flood of demand changes nothing more.
+    for i in 0..100 {
+        assert!(fetches(&m.handle(now + Duration::from_millis(300 + i), Event::Demand)).is_empty());
+    }
+    assert_eq!(fetches(&m.handle(now + S(1), Event::Tick)), vec![FetchKind::Acquire]);
+    // Without demand, the plain backoff holds.
+    let later = now + S(1);
+    m.handle(later, Event::Failed(outage()));
+    assert!(m.wake_at().expect("retry") > later + S(10));
+}
+
+#[test]
 fn retry_after_is_honoured() {
     let t0 = Instant::now();
     let mut m = Machine::new(schedule(), MACHINE, 1);
     m.handle(t0, Event::Start { stored: None });
     m.handle(t0, Event::Failed(Failure { retry_after: Some(S(30)), ..outage() }));
+    assert!(m.wake_at().expect("scheduled") >= t0 + S(30));
+    // Waiting requests do not cut it short either.
+    assert!(fetches(&m.handle(t0 + S(5), Event::Demand)).is_empty());
     assert!(m.wake_at().expect("scheduled") >= t0 + S(30));
 }
 
