@@ -61,7 +61,11 @@ async fn idp_faults_with_a_valid_token_fail_no_request_then_503_then_recover() {
     assert_eq!(body["error"], "token_unavailable");
     assert_eq!(body["provider"], "backend");
     assert!(upstream.seen().iter().all(|s| s.accepted), "no expired token may reach the upstream");
-    assert_eq!(client().get(tg.admin_url("/readyz")).send().await.unwrap().status(), 503);
+    // Readiness is a start-up gate by default (`admin.ready_requires = "startup"`): the
+    // replica stays in its Service, and the body says the provider holds no valid token.
+    let ready = client().get(tg.admin_url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    assert_eq!(ready.json::<serde_json::Value>().await.unwrap()["all_providers_valid"], false);
 
     // Heal: requests succeed again within the backoff bound (backoff_max 1 s).
     idp.set_mode(Mode::Normal);

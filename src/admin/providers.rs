@@ -30,7 +30,7 @@ pub(crate) fn describe(h: &ProviderHandle) -> Value {
     let token = h.cell.latest().map(|t| {
         json!({
             "generation": t.generation,
-            "usable": t.usable_at(std::time::Instant::now()),
+            "usable": t.usable(),
             "issued_at": ts(Some(t.issued_at)),
             "expires_at": ts(t.expires_at),
             "expires_in_s": t.expires_at.map(|e| e.duration_since(SystemTime::now()).map(|d| d.as_secs()).unwrap_or(0)),

@@ -215,7 +215,7 @@ impl ProxyHttp for TollgateProxy {
             // Prefer the cell's current token: on a retry it is the renewed one.
             let token = match cell.usable() {
                 Some(t) => t,
-                None => match ctx.token.take().filter(|t| t.usable_at(Instant::now())) {
+                None => match ctx.token.take().filter(|t| t.usable()) {
                     Some(t) => t,
                     None => {
                         return Error::e_explain(

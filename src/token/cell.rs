@@ -127,7 +127,16 @@ impl TokenCell {
     pub fn usable(&self) -> Option<Arc<ActiveToken>> {
         let guard = self.current.load();
         match &*guard {
-            Some(t) if t.usable_at(Instant::now()) => Some(Arc::clone(t)),
+            Some(t) if t.usable() => Some(Arc::clone(t)),
+            _ => None,
+        }
+    }
+
+    /// [`TokenCell::usable`] at given clock readings (tests drive a host suspend with it).
+    pub fn usable_at(&self, mono: Instant, wall: SystemTime) -> Option<Arc<ActiveToken>> {
+        let guard = self.current.load();
+        match &*guard {
+            Some(t) if t.usable_at(mono, wall) => Some(Arc::clone(t)),
             _ => None,
         }
     }
@@ -302,6 +311,16 @@ mod tests {
         std::thread::sleep(Duration::from_millis(5));
         assert!(cell.usable().is_none());
         assert!(cell.latest().is_some());
+    }
+
+    #[test]
+    fn after_a_host_suspend_longer_than_its_life_the_token_is_not_injected() {
+        let cell = TokenCell::new("p");
+        cell.publish(Some(token(&cell, Duration::from_secs(60))));
+        let (mono, wall) = (Instant::now(), SystemTime::now());
+        assert!(cell.usable_at(mono, wall).is_some());
+        // Suspended for an hour: the monotonic reading stands still, the wall clock moves on.
+        assert!(cell.usable_at(mono, wall + Duration::from_secs(3600)).is_none());
     }
 
     #[test]

@@ -187,6 +187,9 @@ impl Driver {
         let mut fleet = self.store.fleet().map(|f| f.subscribe());
         let stored = self.restore().await;
         let mut fetch: Option<FetchFuture> = None;
+        let mut clocks = Clocks::new();
+        let mut jump_check = tokio::time::interval(JUMP_CHECK);
+        jump_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.apply(Event::Start { stored }, &mut fetch).await;
         loop {
             let wake = self.wake;
@@ -210,6 +213,11 @@ impl Driver {
                 }
                 Some(rc) = ch.reconfig.recv() => self.reconfigure(rc, &mut fetch).await,
                 _ = sleep_until(wake) => self.apply(Event::Tick, &mut fetch).await,
+                _ = jump_check.tick() => {
+                    if clocks.jumped() && fetch.is_none() {
+                        self.clock_jumped(&mut fetch).await;
+                    }
+                }
                 _ = self.cell.woken() => {
                     if let Some(generation) = self.cell.take_rejected() {
                         self.invalidate_shared().await;
@@ -219,7 +227,13 @@ impl Driver {
                         self.apply(Event::Force, &mut fetch).await;
                     }
                     if self.cell.usable().is_none() {
-                        self.apply(Event::Demand, &mut fetch).await;
+                        if self.machine.holds_usable(Instant::now()) && self.cell.latest().is_some() {
+                            // Spent by the wall clock though not by the monotonic one: the
+                            // host slept. Renew now rather than at the (late) schedule.
+                            self.clock_jumped(&mut fetch).await;
+                        } else {
+                            self.apply(Event::Demand, &mut fetch).await;
+                        }
                     }
                 }
                 Some(cmd) = ch.commands.recv(), if fetch.is_none() => self.command(cmd, &mut fetch).await,
@@ -234,6 +248,13 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// The wall clock moved differently from the monotonic one (a suspended host woke
+    /// up, or the clock was set): the schedule, kept on the monotonic clock, is wrong.
+    async fn clock_jumped(&mut self, fetch: &mut Option<FetchFuture>) {
+        warn!(provider = %self.name, "clock jump detected (host suspend or clock change); renewing the token now");
+        self.apply(Event::Force, fetch).await;
     }
 
     /// Feed an event and execute the actions the machine asks for.
@@ -827,6 +848,37 @@ impl Driver {
             vars: set.vars.iter().map(|(k, v)| (k.clone(), v.expose().to_string())).collect(),
             extras: set.extras.clone(),
         }
+    }
+}
+
+/// How often the wall and monotonic clocks are compared for a jump.
+const JUMP_CHECK: Duration = Duration::from_secs(5);
+
+/// A jump smaller than this is scheduling noise or NTP slewing.
+const JUMP_TOLERANCE: Duration = Duration::from_secs(2);
+
+/// Both clocks as last read; a difference between how far each moved is a jump.
+struct Clocks {
+    mono: Instant,
+    wall: SystemTime,
+}
+
+impl Clocks {
+    fn new() -> Self {
+        Clocks { mono: Instant::now(), wall: SystemTime::now() }
+    }
+
+    fn jumped(&mut self) -> bool {
+        let (mono, wall) = (Instant::now(), SystemTime::now());
+        let mono_moved = mono.duration_since(self.mono);
+        let jumped = match wall.duration_since(self.wall) {
+            Ok(wall_moved) => wall_moved.abs_diff(mono_moved) > JUMP_TOLERANCE,
+            // The wall clock went backwards.
+            Err(_) => true,
+        };
+        self.mono = mono;
+        self.wall = wall;
+        jumped
     }
 }
 

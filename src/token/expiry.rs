@@ -43,7 +43,13 @@ pub fn lifetime(
             _ => Err(ExpiryError::BadExpiresIn),
         };
     }
-    if let Some(exp) = jwt_exp(token) {
+    if let Some((exp, iat)) = jwt_times(token) {
+        // With both claims, the lifetime is the IdP's own `exp - iat`: a host clock that
+        // runs ahead of (or behind) the IdP's then neither kills every token at once nor
+        // keeps one past its real life.
+        if let Some(iat) = iat.filter(|iat| *iat < exp) {
+            return Ok(cap(Duration::from_secs(exp - iat)));
+        }
         let now_s = now.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         return if exp > now_s { Ok(cap(Duration::from_secs(exp - now_s))) } else { Err(ExpiryError::JwtExpired) };
     }
@@ -57,18 +63,25 @@ pub fn lifetime(
 /// that signs and the upstream the one that verifies; tollgate only needs to know when
 /// to refresh. Not a JWT, or no numeric `exp`: `None`.
 pub fn jwt_exp(token: &str) -> Option<u64> {
+    jwt_times(token).map(|(exp, _)| exp)
+}
+
+/// The `exp` and (when numeric) `iat` claims, read as [`jwt_exp`] reads `exp`.
+pub fn jwt_times(token: &str) -> Option<(u64, Option<u64>)> {
     if token.split('.').count() != 3 {
         return None;
     }
     #[derive(serde::Deserialize)]
     struct Claims {
         exp: Option<Value>,
+        iat: Option<Value>,
     }
     let claims = jsonwebtoken::dangerous::insecure_decode::<Claims>(token).ok()?.claims;
-    match claims.exp? {
+    let secs = |v: Value| match v {
         Value::Number(n) => n.as_u64().or_else(|| n.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64)),
         _ => None,
-    }
+    };
+    Some((secs(claims.exp?)?, claims.iat.and_then(secs)))
 }
 
 #[cfg(test)]
@@ -116,6 +129,21 @@ mod tests {
         assert_eq!(lifetime(None, &t, None, MAX, now), Ok(Lifetime::Finite(Duration::from_secs(1800))));
         let old = jwt(json!({"exp": now_s - 1}));
         assert_eq!(lifetime(None, &old, None, MAX, now), Err(ExpiryError::JwtExpired));
+    }
+
+    #[test]
+    fn a_jwt_from_an_idp_whose_clock_differs_lives_exp_minus_iat() {
+        let now = SystemTime::now();
+        let now_s = now.duration_since(UNIX_EPOCH).unwrap().as_secs();
+        // The IdP's clock is an hour ahead of the host's: exp - now would be 1 h 30 min.
+        let ahead = jwt(json!({"iat": now_s + 3600, "exp": now_s + 3600 + 1800}));
+        assert_eq!(lifetime(None, &ahead, None, MAX, now), Ok(Lifetime::Finite(Duration::from_secs(1800))));
+        // An hour behind: exp is "in the past" for the host, yet the token lives 30 min.
+        let behind = jwt(json!({"iat": now_s - 3600, "exp": now_s - 3600 + 1800}));
+        assert_eq!(lifetime(None, &behind, None, MAX, now), Ok(Lifetime::Finite(Duration::from_secs(1800))));
+        // Without iat the host clock is all there is.
+        let no_iat = jwt(json!({"exp": now_s - 10}));
+        assert_eq!(lifetime(None, &no_iat, None, MAX, now), Err(ExpiryError::JwtExpired));
     }
 
     #[test]

@@ -266,6 +266,11 @@ impl Machine {
         self.awaiting_code
     }
 
+    /// Whether the token the machine holds is usable by the monotonic clock.
+    pub fn holds_usable(&self, now: Instant) -> bool {
+        self.token_usable(now)
+    }
+
     /// Feed one event; returns what the driver must do, in order.
     pub fn handle(&mut self, now: Instant, event: Event) -> Vec<Action> {
         let mut out = Vec::new();

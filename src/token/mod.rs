@@ -30,6 +30,10 @@ pub struct ActiveToken {
     /// Monotonic instant after which the token is no longer injected: expiry minus the
     /// expiry margin, so that a token cannot expire while a request is in flight.
     pub usable_until: Option<Instant>,
+    /// The same moment on the wall clock. The monotonic clock stops while the host
+    /// sleeps (a laptop, a Docker Desktop VM, a paused container); the wall clock does
+    /// not, so after a wake-up this is what says the token is spent.
+    pub usable_until_wall: Option<SystemTime>,
     pub scope: Option<String>,
     pub extras: BTreeMap<String, String>,
     /// Extra headers for the upstream (provider `upstream_headers`), pre-rendered.
@@ -62,13 +66,13 @@ impl ActiveToken {
         drop(header.clone());
         let issued_at = SystemTime::now() - elapsed;
         let now = Instant::now();
-        let (expires_at, usable_until) = match lifetime {
-            Lifetime::Never => (None, None),
+        let (expires_at, usable_until, usable_until_wall) = match lifetime {
+            Lifetime::Never => (None, None, None),
             Lifetime::Finite(l) => {
                 // Never let the margin eat more than a quarter of a short token's life.
                 let margin = margin.min(l / 4);
                 let left = l.saturating_sub(elapsed).saturating_sub(margin);
-                (Some(issued_at + l), Some(now + left))
+                (Some(issued_at + l), Some(now + left), Some(SystemTime::now() + left))
             }
         };
         Some(ActiveToken {
@@ -78,18 +82,74 @@ impl ActiveToken {
             lifetime,
             expires_at,
             usable_until,
+            usable_until_wall,
             scope,
             extras,
             upstream_headers,
         })
     }
 
-    /// Whether the token may be injected at `now`.
+    /// Whether the token may be injected now.
     #[inline]
-    pub fn usable_at(&self, now: Instant) -> bool {
-        match self.usable_until {
-            None => true,
-            Some(t) => now < t,
-        }
+    pub fn usable(&self) -> bool {
+        self.usable_until.is_none() || self.usable_at(Instant::now(), SystemTime::now())
+    }
+
+    /// Whether the token may be injected at these clock readings: both the monotonic and
+    /// the wall clock must agree that it is still good.
+    #[inline]
+    pub fn usable_at(&self, mono: Instant, wall: SystemTime) -> bool {
+        self.usable_until.is_none_or(|t| mono < t) && self.usable_until_wall.is_none_or(|t| wall < t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(life: u64) -> ActiveToken {
+        let life = Lifetime::Finite(Duration::from_secs(life));
+        ActiveToken::new(
+            "t",
+            "Bearer ",
+            1,
+            life,
+            Duration::ZERO,
+            Duration::from_secs(5),
+            None,
+            Default::default(),
+            vec![],
+        )
+        .expect("valid header")
+    }
+
+    #[test]
+    fn a_suspend_longer_than_the_token_life_is_seen_through_the_wall_clock() {
+        let t = token(60);
+        let (mono, wall) = (Instant::now(), SystemTime::now());
+        assert!(t.usable_at(mono, wall));
+        // The host slept two minutes: the monotonic clock stood still, the wall clock moved.
+        assert!(!t.usable_at(mono, wall + Duration::from_secs(120)), "an expired token would be injected");
+        // And the usual case: both moved past the usable time.
+        assert!(!t.usable_at(mono + Duration::from_secs(56), wall + Duration::from_secs(56)));
+        assert!(t.usable_at(mono + Duration::from_secs(50), wall + Duration::from_secs(50)));
+    }
+
+    #[test]
+    fn a_token_that_never_expires_ignores_both_clocks() {
+        let t = ActiveToken::new(
+            "t",
+            "Bearer ",
+            1,
+            Lifetime::Never,
+            Duration::ZERO,
+            Duration::ZERO,
+            None,
+            Default::default(),
+            vec![],
+        )
+        .expect("valid header");
+        assert!(t.usable_at(Instant::now(), SystemTime::now() + Duration::from_secs(10_000_000)));
+        assert!(t.usable());
     }
 }
