@@ -2,7 +2,7 @@
 //! through `ArcSwap` so that a reload never exposes a half-applied config.
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -324,8 +324,12 @@ impl Plan {
         }
         store.set_live(providers.values().map(|h| h.spec.fingerprint.clone()).collect());
         let settings = self.settings;
+        // Logged at start and on every reload: an open relay, unverified upstream TLS.
+        crate::proxy::router::warn_exposure(&settings.proxy, &settings.routes);
+        // Each route's upstream addresses, followed in the background (never failing).
+        let upstreams = crate::proxy::resolve::upstreams_for(&settings, handle);
         let mut entries = Vec::new();
-        for (r, peer) in settings.routes.iter().zip(self.peers) {
+        for ((r, peer), upstream) in settings.routes.iter().zip(self.peers).zip(upstreams) {
             let cell = r.provider.as_ref().and_then(|p| providers.get(p)).map(|h| Arc::clone(&h.cell));
             let reauth_min_interval = r
                 .provider
@@ -335,6 +339,7 @@ impl Plan {
                 .unwrap_or_default();
             entries.push(RouteEntry {
                 peer,
+                upstream,
                 metrics: crate::metrics::RouteMetrics::new(&r.name),
                 spec: r.clone(),
                 cell,
@@ -376,20 +381,13 @@ fn start_provider(
     ProviderHandle { spec: spec.clone(), prefix, cell, commands, runner: Arc::new(Runner { stop, stopped, reconfig }) }
 }
 
-/// Resolve the upstream's host now, at start or reload, so that the request path never
-/// blocks on DNS. (The address is re-resolved on every reload.)
-fn resolve(r: &RouteSpec) -> Result<SocketAddr, BuildError> {
-    let u = &r.upstream;
-    (u.host.as_str(), u.port)
-        .to_socket_addrs()
-        .map_err(|e| BuildError::Route(r.name.clone(), format!("cannot resolve `{}`: {e}", u.host)))?
-        .next()
-        .ok_or_else(|| BuildError::Route(r.name.clone(), format!("`{}` resolved to no address", u.host)))
-}
-
+/// The route's peer template: TLS, timeouts and CA, without an address (each connection
+/// attempt takes one from the route's [`Upstream`](crate::proxy::resolve::Upstream)).
+/// Nothing here touches DNS, so a DNS outage cannot fail a start or a reload.
 fn peer_for(r: &RouteSpec, settings: &Settings) -> Result<HttpPeer, BuildError> {
     let u = &r.upstream;
-    let mut peer = HttpPeer::new(resolve(r)?, u.tls, u.sni.clone());
+    let unresolved = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), u.port);
+    let mut peer = HttpPeer::new(unresolved, u.tls, u.sni.clone());
     peer.options.connection_timeout = Some(settings.proxy.upstream_connect_timeout);
     peer.options.read_timeout = Some(settings.proxy.upstream_read_timeout);
     peer.options.idle_timeout = Some(settings.proxy.upstream_idle_timeout);

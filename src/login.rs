@@ -56,10 +56,7 @@ pub fn run(args: LoginArgs) -> Result<(), LoginError> {
         .build()
         .map_err(|e| LoginError::Usage(format!("cannot start a runtime: {e}")))?;
     rt.block_on(async move {
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(90))
-            .build()
-            .map_err(|e| LoginError::Usage(e.to_string()))?;
+        let client = admin_client()?;
         let base = args.admin_url.trim_end_matches('/');
         let provider = &args.provider;
         let post = |path: String, body: Option<String>| {
@@ -92,6 +89,19 @@ pub fn run(args: LoginArgs) -> Result<(), LoginError> {
         println!("provider {provider}: {state}; token expires {expires}");
         Ok(())
     })
+}
+
+/// The client for the admin API. It carries the admin token and a human's one-time code,
+/// so it never goes through a proxy, whatever `HTTPS_PROXY`, `HTTP_PROXY` or `ALL_PROXY`
+/// say: the admin API is the operator's own instance, reached directly. Redirects are not
+/// followed either (a 307 would resend the code elsewhere).
+fn admin_client() -> Result<reqwest::Client, LoginError> {
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(90))
+        .build()
+        .map_err(|e| LoginError::Usage(format!("cannot build the HTTP client: {e}")))
 }
 
 async fn call(req: reqwest::RequestBuilder, url: &str, step: &'static str) -> Result<Value, LoginError> {

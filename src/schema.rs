@@ -102,11 +102,31 @@ pub struct ProxyConfig {
     /// continuously (measured in bench/results).
     #[serde(default = "default_keepalive_pool")]
     pub upstream_keepalive_pool_size: usize,
+    /// Client addresses (CIDRs, or single addresses) allowed to use the proxy. Empty:
+    /// anyone who can reach `listen`.
+    #[serde(default)]
+    pub allow_from: Vec<String>,
+    /// Upstream host names are re-resolved when their DNS answer's TTL runs out, but no
+    /// sooner than this after the previous resolution (also the retry interval after a
+    /// failed one).
+    #[serde(default = "default_dns_refresh_min", with = "humantime_serde")]
+    pub upstream_dns_refresh_min: Duration,
+    /// … and no later than this, whatever the TTL.
+    #[serde(default = "default_dns_refresh_max", with = "humantime_serde")]
+    pub upstream_dns_refresh_max: Duration,
     /// How long an idle upstream connection is kept for reuse. Below the idle timeouts of
     /// common load balancers and servers (60 s and more), so tollgate drops a connection
     /// before the far end forgets it and a request is never sent into a dead one.
     #[serde(default = "default_upstream_idle_timeout", with = "humantime_serde")]
     pub upstream_idle_timeout: Duration,
+}
+
+fn default_dns_refresh_min() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_dns_refresh_max() -> Duration {
+    Duration::from_secs(300)
 }
 
 fn default_upstream_idle_timeout() -> Duration {
@@ -128,6 +148,9 @@ impl Default for ProxyConfig {
             upstream_connect_timeout: default_connect_timeout(),
             upstream_read_timeout: default_read_timeout(),
             upstream_keepalive_pool_size: default_keepalive_pool(),
+            allow_from: Vec::new(),
+            upstream_dns_refresh_min: default_dns_refresh_min(),
+            upstream_dns_refresh_max: default_dns_refresh_max(),
             upstream_idle_timeout: default_upstream_idle_timeout(),
         }
     }
@@ -283,8 +306,13 @@ pub struct ProviderConfig {
     /// that rejects every token cannot drive tollgate to hammer the IdP.
     #[serde(default, with = "humantime_serde")]
     pub reauth_min_interval: Option<Duration>,
-    /// PEM file with extra CA certificates trusted for the token endpoint.
+    /// PEM file with extra CA certificates trusted for the token endpoint (in addition to
+    /// the system store and the bundled Mozilla roots).
     pub ca_file: Option<PathBuf>,
+    /// The HTTP proxy for token requests: `http://host:port` (or `https://`), or `"none"`
+    /// for direct connections. Absent: `HTTPS_PROXY`/`HTTP_PROXY`/`ALL_PROXY` and
+    /// `NO_PROXY` from the environment.
+    pub proxy: Option<String>,
 
     /// Headers added to proxied requests, rendered from config values and what the
     /// token response held (e.g. `{ "X-Org-Id" = "{org_id}" }`, `{ "Et-App-Key" = "{app_key}" }`).

@@ -67,6 +67,11 @@ pub struct ProxySettings {
     pub upstream_connect_timeout: Duration,
     pub upstream_read_timeout: Duration,
     pub upstream_keepalive_pool_size: usize,
+    /// Client networks allowed to use the proxy; empty: every client.
+    pub allow_from: Vec<ipnet::IpNet>,
+    /// Floor and ceiling on the interval between resolutions of an upstream host.
+    pub upstream_dns_refresh_min: Duration,
+    pub upstream_dns_refresh_max: Duration,
     pub upstream_idle_timeout: Duration,
 }
 

@@ -11,7 +11,7 @@ use http::{HeaderName, HeaderValue};
 use super::settings::*;
 use super::ConfigError;
 use crate::provider::kinds::{self, SpecError};
-use crate::provider::{HttpClientSpec, ProviderKind, ProviderSpec, Timing};
+use crate::provider::{EgressProxy, HttpClientSpec, ProviderKind, ProviderSpec, Timing};
 use crate::schema::{AuthorizationConfig, FileConfig, ProviderConfig, RouteConfig, StoreConfig, StoreKind};
 use crate::secret::{Secret, SecretSource};
 
@@ -116,8 +116,17 @@ impl Validator<'_> {
                 .nonzero("proxy.upstream_connect_timeout", raw.proxy.upstream_connect_timeout)?,
             upstream_read_timeout: self.nonzero("proxy.upstream_read_timeout", raw.proxy.upstream_read_timeout)?,
             upstream_keepalive_pool_size: raw.proxy.upstream_keepalive_pool_size,
+            allow_from: self.allow_from(&raw.proxy.allow_from)?,
+            upstream_dns_refresh_min: self
+                .nonzero("proxy.upstream_dns_refresh_min", raw.proxy.upstream_dns_refresh_min)?,
+            upstream_dns_refresh_max: raw.proxy.upstream_dns_refresh_max,
             upstream_idle_timeout: self.nonzero("proxy.upstream_idle_timeout", raw.proxy.upstream_idle_timeout)?,
         };
+        if proxy.upstream_dns_refresh_max < proxy.upstream_dns_refresh_min {
+            return Err(
+                self.err("proxy.upstream_dns_refresh_max", "must not be smaller than `upstream_dns_refresh_min`")
+            );
+        }
 
         let admin_listen = self.socket_addr("admin.listen", &raw.admin.listen)?;
         let admin_token = match &raw.admin.token {
@@ -294,6 +303,52 @@ impl Validator<'_> {
         })
     }
 
+    /// `proxy.allow_from`: CIDRs (`10.0.0.0/8`, `fd00::/8`) or single addresses.
+    fn allow_from(&self, raw: &[String]) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+        raw.iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let t = s.trim();
+                t.parse::<ipnet::IpNet>()
+                    .map(|n| n.trunc())
+                    .or_else(|_| t.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        self.err(
+                            format!("proxy.allow_from.{i}"),
+                            format!("`{s}` is not a CIDR (`10.0.0.0/8`) or an IP address"),
+                        )
+                    })
+            })
+            .collect()
+    }
+
+    /// A provider's `proxy`: `none`, or an `http(s)://host:port` URL without credentials
+    /// (the value is not echoed in errors, in case it carries some anyway).
+    fn egress_proxy(&self, key: &str, s: &str) -> Result<EgressProxy, ConfigError> {
+        if s.trim().eq_ignore_ascii_case("none") {
+            return Ok(EgressProxy::Direct);
+        }
+        let u = url::Url::parse(s.trim()).map_err(|e| {
+            self.err(key, format!("is neither `none` nor a URL ({e}); write `http://proxy.example:3128`"))
+        })?;
+        if u.scheme() != "http" && u.scheme() != "https" {
+            return Err(self.err(key, format!("scheme `{}` is not supported; use http or https", u.scheme())));
+        }
+        if !u.username().is_empty() || u.password().is_some() {
+            return Err(self.err(
+                key,
+                "credentials in the proxy URL are not supported here; put the URL with them in HTTPS_PROXY instead",
+            ));
+        }
+        if u.host_str().is_none() {
+            return Err(self.err(key, "the URL has no host"));
+        }
+        if u.path() != "/" || u.query().is_some() || u.fragment().is_some() {
+            return Err(self.err(key, "must be `scheme://host:port` with no path or query"));
+        }
+        Ok(EgressProxy::Url(u.to_string()))
+    }
+
     fn socket_addr(&self, key: &str, s: &str) -> Result<SocketAddr, ConfigError> {
         s.parse().map_err(|_| self.err(key, format!("`{s}` is not an IP:port socket address")))
     }
@@ -358,6 +413,10 @@ impl Validator<'_> {
             connect_timeout: self
                 .nonzero(&key("connect_timeout"), p.connect_timeout.unwrap_or(Duration::from_secs(5)))?,
             ca_file: p.ca_file.clone(),
+            proxy: match &p.proxy {
+                None => EgressProxy::Environment,
+                Some(s) => self.egress_proxy(&key("proxy"), s)?,
+            },
         };
         if let Some(ca) = &http.ca_file {
             if let Err(e) = std::fs::metadata(ca) {
@@ -594,6 +653,38 @@ mod tests {
             provider = "p"
         "#;
         assert_eq!(err(http), "`providers.p` (from t.toml): no step extracts `token`");
+    }
+
+    #[test]
+    fn egress_proxy_key() {
+        use crate::provider::EgressProxy;
+        let with = |v: &str| {
+            BASE.replace("client_secret = \"456789\"", &format!("client_secret = \"456789\"\nproxy = \"{v}\""))
+        };
+        let p = |v: &str| load_str(&with(v), Path::new("t.toml")).map(|s| s.providers[0].http.proxy.clone());
+        assert_eq!(load_str(BASE, Path::new("t.toml")).unwrap().providers[0].http.proxy, EgressProxy::Environment);
+        assert_eq!(p("none").unwrap(), EgressProxy::Direct);
+        assert_eq!(p("http://127.0.0.1:3128").unwrap(), EgressProxy::Url("http://127.0.0.1:3128/".into()));
+        let e = p("http://user:hunter2@127.0.0.1:3128").unwrap_err().to_string();
+        assert!(e.contains("providers.backend.proxy") && e.contains("HTTPS_PROXY") && !e.contains("hunter2"), "{e}");
+        let e = p("socks5://127.0.0.1:1080").unwrap_err().to_string();
+        assert!(e.contains("providers.backend.proxy") && e.contains("socks5"), "{e}");
+        let e = p("direct").unwrap_err().to_string();
+        assert!(e.contains("providers.backend.proxy") && e.contains("none"), "{e}");
+    }
+
+    #[test]
+    fn allow_from_and_dns_bounds_are_checked() {
+        let e = err(&format!("[proxy]\nallow_from = [\"10.0.0.0/8\", \"10.0.0.0/33\"]\n{BASE}"));
+        assert!(e.contains("proxy.allow_from.1") && e.contains("10.0.0.0/33"), "{e}");
+        let s =
+            load_str(&format!("[proxy]\nallow_from = [\"10.1.2.3/8\", \"::1\"]\n{BASE}"), Path::new("t.toml")).unwrap();
+        let nets: Vec<String> = s.proxy.allow_from.iter().map(|n| n.to_string()).collect();
+        assert_eq!(nets, vec!["10.0.0.0/8", "::1/128"]);
+        let e = err(&format!("[proxy]\nupstream_dns_refresh_min = \"10s\"\nupstream_dns_refresh_max = \"5s\"\n{BASE}"));
+        assert!(e.contains("proxy.upstream_dns_refresh_max"), "{e}");
+        let e = err(&format!("[proxy]\nupstream_dns_refresh_min = \"0s\"\n{BASE}"));
+        assert!(e.contains("proxy.upstream_dns_refresh_min"), "{e}");
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 pub use error::{ErrorClass, FetchError};
-pub use spec::{HttpClientSpec, ProviderKind, ProviderSpec, SourceSpec, Timing};
+pub use spec::{EgressProxy, HttpClientSpec, ProviderKind, ProviderSpec, SourceSpec, Timing};
 
 use crate::secret::Secret;
 use crate::template::Vars;

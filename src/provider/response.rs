@@ -7,19 +7,38 @@ use reqwest::{Response, StatusCode};
 use serde_json::Value;
 
 use super::error::{sanitize_code, ErrorClass, FetchError};
-use super::spec::HttpClientSpec;
+use super::spec::{EgressProxy, HttpClientSpec};
 
 /// Token responses are small; anything larger is cut off rather than buffered whole.
 pub const MAX_BODY: usize = 256 * 1024;
 
 /// A client that refuses redirects (a token request must not be replayed, credentials
 /// included, to wherever a 302 points) and enforces the configured timeouts.
+///
+/// Egress as operators run it: the server certificate is checked against the system
+/// store (`/etc/ssl/certs`, or `SSL_CERT_FILE`/`SSL_CERT_DIR`), which is where a company
+/// CA or a TLS-inspecting proxy's CA is installed, plus the bundled Mozilla roots (for
+/// images without a store) and the provider's `ca_file`. The proxy is the provider's
+/// `proxy`, else the environment's (`HTTPS_PROXY`, `NO_PROXY`, …). An HTTPS token
+/// endpoint is reached through a proxy by CONNECT: the proxy sees the host and port,
+/// never the credentials.
 pub fn client(spec: &HttpClientSpec) -> Result<reqwest::Client, FetchError> {
     let mut b = reqwest::Client::builder()
         .timeout(spec.timeout)
         .connect_timeout(spec.connect_timeout)
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("tollgate/", env!("CARGO_PKG_VERSION")));
+    b = match &spec.proxy {
+        // reqwest's default: the environment, read now.
+        EgressProxy::Environment => b,
+        EgressProxy::Direct => b.no_proxy(),
+        EgressProxy::Url(u) => b.proxy(
+            // The URL was checked by config validation; its text is not repeated here.
+            reqwest::Proxy::all(u.as_str()).map_err(|_| {
+                FetchError::new(ErrorClass::Connect, "the provider's `proxy` is not a usable proxy URL")
+            })?,
+        ),
+    };
     if let Some(ca) = &spec.ca_file {
         let pem = std::fs::read(ca).map_err(|e| {
             FetchError::new(ErrorClass::Connect, format!("cannot read ca_file {}: {}", ca.display(), e.kind()))

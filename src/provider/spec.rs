@@ -111,4 +111,19 @@ pub struct HttpClientSpec {
     pub timeout: Duration,
     pub connect_timeout: Duration,
     pub ca_file: Option<PathBuf>,
+    pub proxy: EgressProxy,
+}
+
+/// Which HTTP proxy token requests go through.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum EgressProxy {
+    /// `HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY` and `NO_PROXY` (or their lower-case
+    /// forms), read when the client is built: at start and on reload.
+    #[default]
+    Environment,
+    /// Direct connections, whatever the environment says (`proxy = "none"`).
+    Direct,
+    /// Every token request of the provider through this proxy (`http://host:port`;
+    /// `NO_PROXY` does not apply). Never carries credentials (config refuses them).
+    Url(String),
 }

@@ -7,6 +7,7 @@
 //! could read differently (see that module for what pingora already refuses itself).
 
 pub mod hygiene;
+pub mod resolve;
 pub mod respond;
 pub mod router;
 
@@ -49,6 +50,8 @@ pub struct Ctx {
     auth_retry_pending: bool,
     /// Body of a GraphQL response being inspected for `UNAUTHENTICATED`.
     graphql_body: Option<bytes::BytesMut>,
+    /// The upstream addresses this request has tried (failover on connect errors).
+    upstream_attempt: resolve::Attempt,
     _inflight: InflightGuard,
 }
 
@@ -99,11 +102,18 @@ impl ProxyHttp for TollgateProxy {
             auth_retried: false,
             auth_retry_pending: false,
             graphql_body: None,
+            upstream_attempt: resolve::Attempt::default(),
             _inflight: self.gateway.enter(),
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        // `proxy.allow_from`: strangers are refused before anything else is looked at.
+        if !router::client_allowed(&self.gateway.active().settings.proxy.allow_from, session.client_addr()) {
+            let body = json!({"error": "client_not_allowed", "message": "this client address may not use the proxy (`proxy.allow_from`)"});
+            respond::json(session, 403, &body, None).await?;
+            return Ok(true);
+        }
         if let Err(r) = hygiene::check(session) {
             respond::json(session, r.status, &json!({"error": r.error, "message": r.message}), None).await?;
             return Ok(true);
@@ -193,9 +203,20 @@ impl ProxyHttp for TollgateProxy {
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         match &ctx.route {
-            Some(r) => Ok(Box::new(r.peer.clone())),
+            Some(r) => Ok(Box::new(r.next_peer(&mut ctx.upstream_attempt)?)),
             None => Error::e_explain(ErrorType::InternalError, "no route selected"),
         }
+    }
+
+    /// A connect error is retried on the upstream's next address, if it has one this
+    /// request has not tried (nothing was sent, so any request may be).
+    fn fail_to_connect(&self, _session: &mut Session, peer: &HttpPeer, ctx: &mut Ctx, mut e: Box<Error>) -> Box<Error> {
+        if let Some(r) = &ctx.route {
+            if r.connect_failed(peer, &mut ctx.upstream_attempt) {
+                e.set_retry(true);
+            }
+        }
+        e
     }
 
     async fn upstream_request_filter(

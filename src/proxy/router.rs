@@ -1,21 +1,94 @@
 //! Route matching: host (optional) and longest path prefix. Built once per config, so a
 //! request does a short linear scan over precomputed, pre-sorted entries.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
+use pingora::protocols::l4::socket::SocketAddr as PeerAddr;
 use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorType};
+use tracing::warn;
 
-use crate::config::RouteSpec;
+use super::resolve::{Attempt, Upstream};
+use crate::config::{ProxySettings, RouteSpec};
 use crate::token::TokenCell;
 
 pub struct RouteEntry {
     pub spec: RouteSpec,
     pub cell: Option<Arc<TokenCell>>,
-    /// A template peer; cloned per request because pingora takes ownership of a boxed one.
+    /// A template peer (TLS, timeouts, CA), cloned per request because pingora takes
+    /// ownership of a boxed one; its address is taken from `upstream` for each attempt.
     pub peer: HttpPeer,
+    /// The upstream host's current addresses.
+    pub upstream: Arc<Upstream>,
     /// The provider's bound on invalidations after upstream rejections.
     pub reauth_min_interval: std::time::Duration,
     pub metrics: crate::metrics::RouteMetrics,
+}
+
+impl RouteEntry {
+    /// The peer for this request's next connection attempt (see [`Upstream::pick`]). An
+    /// upstream that has never resolved, or whose every address this request has tried,
+    /// is an upstream error: the client gets 502 JSON.
+    pub fn next_peer(&self, attempt: &mut Attempt) -> pingora::Result<HttpPeer> {
+        let Some(ip) = self.upstream.pick(attempt) else {
+            return Err(Error::explain(
+                ErrorType::ConnectNoRoute,
+                "the upstream host has no address (not resolved yet)",
+            )
+            .into_up());
+        };
+        let mut peer = self.peer.clone();
+        peer._address = PeerAddr::Inet(SocketAddr::new(ip, self.spec.upstream.port));
+        Ok(peer)
+    }
+
+    /// A connection to `peer` failed; whether another address is left to try.
+    pub fn connect_failed(&self, peer: &HttpPeer, attempt: &mut Attempt) -> bool {
+        match peer._address.as_inet() {
+            Some(a) => self.upstream.connect_failed(a.ip(), attempt),
+            None => false,
+        }
+    }
+}
+
+/// Whether a client may use the proxy: `proxy.allow_from` is empty, or holds its address
+/// (an IPv4-mapped IPv6 address counts as the IPv4 one).
+pub fn client_allowed(allow_from: &[ipnet::IpNet], client: Option<&PeerAddr>) -> bool {
+    if allow_from.is_empty() {
+        return true;
+    }
+    let Some(ip) = client.and_then(PeerAddr::as_inet).map(|a| a.ip().to_canonical()) else {
+        return false;
+    };
+    allow_from.iter().any(|n| n.contains(&ip))
+}
+
+/// What an operator should know about who can use the proxy and how upstreams are
+/// reached; logged at start and on every reload.
+pub fn exposure_warnings(proxy: &ProxySettings, routes: &[RouteSpec]) -> Vec<String> {
+    let mut out = Vec::new();
+    let open = proxy.allow_from.is_empty() || proxy.allow_from.iter().any(|n| n.prefix_len() == 0);
+    if !proxy.listen.ip().is_loopback() && open {
+        out.push(format!(
+            "proxy.listen is {}, not a loopback address, and `proxy.allow_from` does not restrict clients: tollgate is an authenticated relay for anyone who can reach it (every request gets tollgate's credentials); set `proxy.allow_from` to the networks of your clients",
+            proxy.listen
+        ));
+    }
+    for r in routes.iter().filter(|r| r.upstream.tls && !r.upstream.tls_verify) {
+        out.push(format!(
+            "route `{}`: tls_verify = false: the certificate of {} is not checked, so anyone on the path can read the injected tokens; for test rigs only",
+            r.name, r.upstream.url
+        ));
+    }
+    out
+}
+
+/// Log [`exposure_warnings`].
+pub fn warn_exposure(proxy: &ProxySettings, routes: &[RouteSpec]) {
+    for w in exposure_warnings(proxy, routes) {
+        warn!("{w}");
+    }
 }
 
 pub struct Router {
@@ -86,6 +159,47 @@ mod tests {
         assert!(!prefix_matches("/api", "/apix"));
         assert!(prefix_matches("/api/", "/api/v1"));
         assert!(!prefix_matches("/api", "/"));
+    }
+
+    fn settings(extra_proxy: &str, route_extra: &str) -> crate::config::Settings {
+        let toml = format!(
+            "[proxy]\n{extra_proxy}\n[[routes]]\nname = \"r\"\nupstream = \"https://127.0.0.1:9\"\n{route_extra}\n"
+        );
+        crate::config::load_str(&toml, std::path::Path::new("t.toml")).expect("valid test config")
+    }
+
+    fn inet(s: &str) -> PeerAddr {
+        PeerAddr::Inet(s.parse().expect("test address"))
+    }
+
+    #[test]
+    fn allow_from_matches_client_networks() {
+        let s = settings("allow_from = [\"10.0.0.0/8\", \"192.168.1.7\", \"fd00::/8\"]", "");
+        let allow = &s.proxy.allow_from;
+        assert!(client_allowed(allow, Some(&inet("10.1.2.3:5000"))));
+        assert!(client_allowed(allow, Some(&inet("192.168.1.7:5000"))));
+        assert!(!client_allowed(allow, Some(&inet("192.168.1.8:5000"))));
+        assert!(client_allowed(allow, Some(&inet("[::ffff:10.9.9.9]:5000"))), "IPv4-mapped counts as IPv4");
+        assert!(client_allowed(allow, Some(&inet("[fd12::1]:5000"))));
+        assert!(!client_allowed(allow, Some(&inet("127.0.0.1:5000"))));
+        assert!(!client_allowed(allow, None), "an unknown address is not on the list");
+        assert!(client_allowed(&[], Some(&inet("203.0.113.9:1"))), "no list: everyone");
+    }
+
+    #[test]
+    fn open_relay_and_unverified_tls_are_warned_about() {
+        assert!(exposure_warnings(&settings("", "").proxy, &[]).is_empty(), "loopback listen: nothing to say");
+        let s = settings("listen = \"0.0.0.0:8080\"", "");
+        let w = exposure_warnings(&s.proxy, &s.routes);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("authenticated relay for anyone who can reach it") && w[0].contains("0.0.0.0:8080"));
+        let s = settings("listen = \"0.0.0.0:8080\"\nallow_from = [\"10.0.0.0/8\"]", "");
+        assert!(exposure_warnings(&s.proxy, &s.routes).is_empty());
+        let s = settings("listen = \"[::]:8080\"\nallow_from = [\"0.0.0.0/0\"]", "");
+        assert_eq!(exposure_warnings(&s.proxy, &s.routes).len(), 1, "a /0 restricts nothing");
+        let s = settings("", "tls_verify = false");
+        let w = exposure_warnings(&s.proxy, &s.routes);
+        assert!(w.len() == 1 && w[0].contains("route `r`: tls_verify = false"), "{w:?}");
     }
 
     #[test]

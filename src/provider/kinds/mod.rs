@@ -39,6 +39,7 @@ pub const COMMON_KEYS: &[&str] = &[
     "backoff_min",
     "backoff_max",
     "ca_file",
+    "proxy",
     "upstream_headers",
     "reauth_min_interval",
 ];
