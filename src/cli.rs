@@ -135,8 +135,16 @@ pub fn describe(s: &Settings) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "proxy: listen {} threads {} token_wait {:?} shutdown_timeout {:?}",
-        s.proxy.listen, s.proxy.threads, s.proxy.token_wait, s.proxy.shutdown_timeout
+        "proxy: listen {} threads {} token_wait {:?} shutdown_timeout {:?} allow_from {}",
+        s.proxy.listen,
+        s.proxy.threads,
+        s.proxy.token_wait,
+        s.proxy.shutdown_timeout,
+        if s.proxy.allow_from.is_empty() {
+            "(anyone)".to_string()
+        } else {
+            format!("[{}]", s.proxy.allow_from.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", "))
+        },
     );
     let _ = writeln!(
         out,
@@ -192,6 +200,14 @@ pub fn describe(s: &Settings) -> String {
                 }
             }
         }
+    }
+    for p in &s.providers {
+        let egress = match &p.http.proxy {
+            crate::provider::spec::EgressProxy::Environment => "proxy from the environment".to_string(),
+            crate::provider::spec::EgressProxy::Direct => "no proxy".to_string(),
+            crate::provider::spec::EgressProxy::Url(u) => format!("proxy {u}"),
+        };
+        let _ = writeln!(out, "provider {}: egress {egress}", p.name);
     }
     for p in s.providers.iter().filter(|p| !p.upstream_headers.is_empty()) {
         let hs: Vec<String> = p.upstream_headers.iter().map(|(k, t)| format!("{k}: {t}")).collect();
