@@ -578,6 +578,32 @@ impl RedisStore {
     }
 
     /// The configured lease TTL (what the driver passes to `try_lease` and renews within).
+    /// Delete the entry if it still holds `version`; announce `Invalidated` when it did
+    /// (`announce = "deleted"`) or in any case (`"always"`).
+    async fn remove_at(
+        &self,
+        operation: &'static str,
+        key: &str,
+        version: Version,
+        announce: &'static str,
+    ) -> Result<bool, StoreError> {
+        let (entry, channel, key_json) = (self.key("token", key), self.inner.channel.clone(), Self::key_json(key));
+        let deleted: i64 = self
+            .run(operation, |mut c| async move {
+                SCRIPTS
+                    .remove
+                    .key(entry)
+                    .arg(version.to_string())
+                    .arg(channel)
+                    .arg(key_json)
+                    .arg(announce)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(deleted == 1)
+    }
+
     pub fn lease_ttl(&self) -> Duration {
         self.inner.lease_ttl
     }
@@ -803,21 +829,7 @@ impl TokenStore for RedisStore {
     /// Like the other stores, plus: a removal is announced to the fleet as
     /// `Invalidated { key, expected }` (only when it deleted something).
     async fn remove(&self, key: &str, expected: Version) -> Result<bool, StoreError> {
-        let (entry, channel, key_json) = (self.key("token", key), self.inner.channel.clone(), Self::key_json(key));
-        let deleted: i64 = self
-            .run("remove", |mut c| async move {
-                SCRIPTS
-                    .remove
-                    .key(entry)
-                    .arg(expected.to_string())
-                    .arg(channel)
-                    .arg(key_json)
-                    .arg("deleted")
-                    .invoke_async(&mut c)
-                    .await
-            })
-            .await?;
-        Ok(deleted == 1)
+        self.remove_at("remove", key, expected, "deleted").await
     }
 
     /// Nothing to do: entries expire by their TTL, and the keys in use elsewhere in the
@@ -906,21 +918,7 @@ impl Fleet for RedisStore {
     }
 
     async fn invalidate(&self, key: &str, version: Version) -> Result<bool, StoreError> {
-        let (entry, channel, key_json) = (self.key("token", key), self.inner.channel.clone(), Self::key_json(key));
-        let deleted: i64 = self
-            .run("invalidate", |mut c| async move {
-                SCRIPTS
-                    .remove
-                    .key(entry)
-                    .arg(version.to_string())
-                    .arg(channel)
-                    .arg(key_json)
-                    .arg("always")
-                    .invoke_async(&mut c)
-                    .await
-            })
-            .await?;
-        Ok(deleted == 1)
+        self.remove_at("invalidate", key, version, "always").await
     }
 
     async fn save_pending(&self, key: &str, vars: &BTreeMap<String, String>, ttl: Duration) -> Result<(), StoreError> {
