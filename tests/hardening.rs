@@ -190,3 +190,24 @@ async fn a_session_probe_tells_a_dead_token_from_a_forbidden_path() {
         assert_eq!(state(&tg).await, expected, "probe {probe}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn graphql_unauthenticated_on_two_paths_ends_a_human_session_but_on_one_does_not() {
+    let ledger = Ledger::default();
+    let tnid = tollgate_testkit::seeds::Tnid::start(ledger.clone()).await.unwrap();
+    let upstream = Upstream::start(Some(ledger.clone())).await.unwrap();
+    let tg = Tollgate::start(&tnid_config(&tnid, &upstream, "graphql_unauthenticated = true"));
+    tg.wait_healthy().await;
+    tnid_login(&tg, &tnid).await;
+    // One GraphQL endpoint keeps saying UNAUTHENTICATED while the rest works.
+    for _ in 0..3 {
+        assert_eq!(status(&tg, "/graphql-unauthenticated/a").await, 200);
+        assert_eq!(status(&tg, "/ok").await, 200);
+    }
+    assert_eq!(state(&tg).await, "valid");
+    // Two of them, with no success in between: the session is over.
+    assert_eq!(status(&tg, "/graphql-unauthenticated/a").await, 200);
+    assert_eq!(status(&tg, "/graphql-unauthenticated/b").await, 200);
+    assert_eq!(status(&tg, "/ok").await, 503);
+    assert_eq!(state(&tg).await, "awaiting_code");
+}

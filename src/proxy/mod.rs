@@ -281,7 +281,8 @@ impl ProxyHttp for TollgateProxy {
             ctx.graphql_body = Some(bytes::BytesMut::new());
         }
         if !route.spec.retry_on_status.contains(&status) {
-            if status < 400 {
+            // A GraphQL 200 may still say UNAUTHENTICATED: that is decided with its body.
+            if status < 400 && ctx.graphql_body.is_none() {
                 cell.accepted(token.generation);
             }
             return Ok(());
@@ -302,7 +303,9 @@ impl ProxyHttp for TollgateProxy {
                     warn!(route = %route.spec.name, provider = %cell.name(), status, path = %path, "upstream rejected a token only a human can renew; one rejection is only a suspicion, the token stays");
                     let is_probe = session.req_header().headers.contains_key(PROBE_HEADER);
                     if let (Some(probe), false) = (&route.spec.session_probe, is_probe) {
-                        self.probe(session, probe);
+                        if cell.probe_due() {
+                            self.probe(session, probe);
+                        }
                     }
                     return Ok(());
                 }
@@ -355,7 +358,13 @@ impl ProxyHttp for TollgateProxy {
         }
         if end_of_stream {
             if let Some(buf) = ctx.graphql_body.take() {
-                if graphql_unauthenticated(&buf) {
+                let unauthenticated = graphql_unauthenticated(&buf);
+                if let (false, Some(route), Some(token)) = (unauthenticated, &ctx.route, &ctx.token) {
+                    if let Some(cell) = &route.cell {
+                        cell.accepted(token.generation);
+                    }
+                }
+                if unauthenticated {
                     if let (Some(route), Some(token)) = (&ctx.route, &ctx.token) {
                         if let Some(cell) = &route.cell {
                             metrics::get().upstream_auth_rejected_total.with_label_values(&[&route.spec.name]).inc();
@@ -364,6 +373,12 @@ impl ProxyHttp for TollgateProxy {
                                     == Suspicion::Suspected
                             {
                                 warn!(route = %route.spec.name, provider = %cell.name(), "GraphQL UNAUTHENTICATED for a token only a human can renew: a suspicion, the token stays");
+                                let is_probe = _session.req_header().headers.contains_key(PROBE_HEADER);
+                                if let (Some(probe), false) = (&route.spec.session_probe, is_probe) {
+                                    if cell.probe_due() {
+                                        self.probe(_session, probe);
+                                    }
+                                }
                                 return Ok(None);
                             }
                             let invalidated = cell.invalidate(token.generation, route.reauth_min_interval);

@@ -74,6 +74,9 @@ pub struct Status {
     pub awaiting_code: bool,
 }
 
+/// The least time between two session probes of one provider.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
 /// What a bare rejection of a human-renewable token amounts to so far.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Suspicion {
@@ -107,6 +110,8 @@ pub struct TokenCell {
     /// Generation under suspicion (0: none) and the path that raised it (hashed).
     suspect_generation: AtomicU64,
     suspect_path: AtomicU64,
+    /// Monotonic nanoseconds (since `epoch`) of the last session probe.
+    last_probe: AtomicU64,
     attempts: watch::Sender<Attempt>,
     generation: AtomicU64,
     status: Mutex<Status>,
@@ -127,6 +132,7 @@ impl TokenCell {
             human_only: AtomicBool::new(false),
             suspect_generation: AtomicU64::new(0),
             suspect_path: AtomicU64::new(0),
+            last_probe: AtomicU64::new(0),
             attempts,
             generation: AtomicU64::new(0),
             status: Mutex::new(Status::default()),
@@ -140,7 +146,8 @@ impl TokenCell {
     }
 
     /// The token to inject now, if there is one. Lock-free: one atomic load, one
-    /// reference-count bump, one clock read.
+    /// reference-count bump, and for a token that expires a read of each clock (the
+    /// monotonic one and the wall clock, which keeps running while the host sleeps).
     #[inline]
     pub fn usable(&self) -> Option<Arc<ActiveToken>> {
         let guard = self.current.load();
@@ -251,6 +258,17 @@ impl TokenCell {
         self.suspect_path.store(path, Ordering::Release);
         self.suspect_generation.store(generation, Ordering::Release);
         Suspicion::Suspected
+    }
+
+    /// Whether a session probe may be sent now: at most one per second per provider, so a
+    /// path that always answers 401 cannot double the upstream's traffic.
+    pub fn probe_due(&self) -> bool {
+        let now = (self.epoch.elapsed().as_nanos() as u64).max(1);
+        let last = self.last_probe.load(Ordering::Acquire);
+        if last != 0 && now.saturating_sub(last) < PROBE_INTERVAL.as_nanos() as u64 {
+            return false;
+        }
+        self.last_probe.compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire).is_ok()
     }
 
     /// The upstream accepted the token of `generation`: clear any suspicion on it. One

@@ -39,8 +39,8 @@ pub(super) struct Ask {
     pub previous: Option<TokenSet>,
     /// The store version of the token this replica holds (0: none).
     pub held: Version,
-    /// When the token this replica holds expires (unix seconds; `None`: never or none).
-    pub held_expiry: Option<u64>,
+    /// This replica still holds a usable token.
+    pub held_usable: bool,
     /// Never adopt a shared token with less life left than this (the expiry margin).
     pub margin: Duration,
 }
@@ -49,17 +49,14 @@ impl Ask {
     /// Whether `entry` is a token this replica should take instead of asking the IdP.
     fn is_news(&self, entry: &Loaded) -> bool {
         let t = &entry.token;
-        if t.fingerprint != self.key || entry.version == self.held {
+        // Versions of a shared store never go back (not even after it restarts empty), so
+        // a greater version is a later write: with rotating refresh tokens it holds the
+        // only refresh token still good, whatever its access token's expiry.
+        if t.fingerprint != self.key || entry.version <= self.held {
             return false;
         }
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        let usable = t.expires_at.is_none_or(|e| e > now + self.margin.as_secs());
-        let later = match (t.expires_at, self.held_expiry) {
-            (_, None) => true,
-            (None, Some(_)) => true,
-            (Some(theirs), Some(ours)) => theirs >= ours,
-        };
-        usable && (later || self.held == 0)
+        t.expires_at.is_none_or(|e| e > now + self.margin.as_secs())
     }
 
     /// Ask the IdP directly.
@@ -77,7 +74,7 @@ pub(super) async fn alone(ask: Ask) -> Result<Got, FetchError> {
 }
 
 /// The coordinated request (see the module docs).
-pub(super) async fn coordinated(ask: Ask) -> Result<Got, FetchError> {
+pub(super) async fn coordinated(mut ask: Ask) -> Result<Got, FetchError> {
     let Some(fleet) = ask.store.fleet() else { return alone(ask).await };
     let m = metrics::get();
     let ttl = fleet.lease_ttl();
@@ -100,6 +97,13 @@ pub(super) async fn coordinated(ask: Ask) -> Result<Got, FetchError> {
                     Ok(Some(entry)) if ask.is_news(&entry) => {
                         let _ = fleet.release(&lease).await;
                         return Ok(Got::Shared(entry));
+                    }
+                    // A later write whose access token is spent: its refresh token is the
+                    // one still good (ours may have been rotated away). Refresh with it.
+                    Ok(Some(entry)) if entry.version > ask.held && entry.token.fingerprint == ask.key => {
+                        if ask.previous.is_some() || entry.token.vars.contains_key("refresh_token") {
+                            ask.previous = Some(super::driver::token_set_of(&entry.token).0);
+                        }
                     }
                     Ok(_) => {}
                     Err(e) => {
@@ -135,7 +139,7 @@ async fn under_lease(
 ) -> Result<Got, FetchError> {
     let request = ask.direct();
     tokio::pin!(request);
-    let mut renew = tokio::time::interval(ttl / 3);
+    let mut renew = tokio::time::interval((ttl / 3).max(Duration::from_millis(10)));
     renew.tick().await;
     loop {
         tokio::select! {
@@ -159,6 +163,13 @@ async fn under_lease(
 }
 
 async fn fallback(ask: &Ask, why: &str) -> Result<Got, FetchError> {
+    // A refresh token is shared by the fleet: refreshing with it outside the lease could
+    // race the lease holder, and an IdP that rotates refresh tokens would revoke the whole
+    // family. While the current token still serves, wait for the store instead.
+    if ask.held_usable && ask.previous.as_ref().is_some_and(|p| ask.source.can_refresh(p)) {
+        warn!(provider = %ask.name, error = %why, "shared store unreachable; keeping the current token rather than using the shared refresh token alone");
+        return Err(FetchError::new(ErrorClass::ServerError, "the shared store is unreachable"));
+    }
     metrics::get().fleet_fallback_total.with_label_values(&[&ask.name]).inc();
     warn!(provider = %ask.name, error = %why, "shared store unreachable; fetching the token on this replica alone");
     ask.direct().await.map(|set| Got::Here { set, lease: None })

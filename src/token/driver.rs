@@ -127,6 +127,12 @@ pub struct Driver {
     lease: Option<Lease>,
     /// Where the published token came from.
     origin: Option<Origin>,
+    /// Store versions of the latest tokens by generation: a rejection names a generation,
+    /// and only the entry holding that token may be dropped fleet-wide.
+    versions: Vec<(u64, Version)>,
+    /// A generation dropped because another replica announced its rejection (not ours to
+    /// announce again).
+    dropped_by_fleet: Option<u64>,
 }
 
 fn schedule_of(t: &Timing) -> Schedule {
@@ -168,6 +174,8 @@ impl Driver {
             legacy: None,
             lease: None,
             origin: None,
+            versions: Vec::new(),
+            dropped_by_fleet: None,
         }
     }
 
@@ -214,25 +222,33 @@ impl Driver {
                 Some(rc) = ch.reconfig.recv() => self.reconfigure(rc, &mut fetch).await,
                 _ = sleep_until(wake) => self.apply(Event::Tick, &mut fetch).await,
                 _ = jump_check.tick() => {
-                    if clocks.jumped() && fetch.is_none() {
-                        self.clock_jumped(&mut fetch).await;
+                    if clocks.jumped() {
+                        match self.cell.latest() {
+                            Some(t) if !t.usable() && self.machine.holds_usable(Instant::now()) => {
+                                self.clock_jumped(t.generation, &mut fetch).await
+                            }
+                            _ => debug!(provider = %self.name, "clock jump detected; the token is still good"),
+                        }
                     }
                 }
                 _ = self.cell.woken() => {
                     if let Some(generation) = self.cell.take_rejected() {
-                        self.invalidate_shared().await;
+                        if self.dropped_by_fleet.take() != Some(generation) {
+                            self.invalidate_shared(generation).await;
+                        }
                         self.apply(Event::Rejected { generation }, &mut fetch).await;
                     }
                     if self.cell.take_force() {
                         self.apply(Event::Force, &mut fetch).await;
                     }
                     if self.cell.usable().is_none() {
-                        if self.machine.holds_usable(Instant::now()) && self.cell.latest().is_some() {
+                        match self.cell.latest() {
                             // Spent by the wall clock though not by the monotonic one: the
                             // host slept. Renew now rather than at the (late) schedule.
-                            self.clock_jumped(&mut fetch).await;
-                        } else {
-                            self.apply(Event::Demand, &mut fetch).await;
+                            Some(t) if self.machine.holds_usable(Instant::now()) => {
+                                self.clock_jumped(t.generation, &mut fetch).await
+                            }
+                            _ => self.apply(Event::Demand, &mut fetch).await,
                         }
                     }
                 }
@@ -252,9 +268,9 @@ impl Driver {
 
     /// The wall clock moved differently from the monotonic one (a suspended host woke
     /// up, or the clock was set): the schedule, kept on the monotonic clock, is wrong.
-    async fn clock_jumped(&mut self, fetch: &mut Option<FetchFuture>) {
-        warn!(provider = %self.name, "clock jump detected (host suspend or clock change); renewing the token now");
-        self.apply(Event::Force, fetch).await;
+    async fn clock_jumped(&mut self, generation: u64, fetch: &mut Option<FetchFuture>) {
+        warn!(provider = %self.name, "clock jump detected (host suspend or clock change): the token is spent by the wall clock; renewing it");
+        self.apply(Event::Expired { generation }, fetch).await;
     }
 
     /// Feed an event and execute the actions the machine asks for.
@@ -299,7 +315,7 @@ impl Driver {
                     key: self.key.clone(),
                     previous: if kind == FetchKind::Refresh { self.previous.clone() } else { None },
                     held: self.version,
-                    held_expiry: current.and_then(|t| t.expires_at).map(unix_of),
+                    held_usable: current.is_some_and(|t| t.usable()),
                     margin: self.timing.expiry_margin,
                 };
                 Box::pin(async move {
@@ -365,6 +381,8 @@ impl Driver {
                 let (set, lifetime, elapsed) = token_set_of(&entry.token);
                 let generation = self.cell.next_generation();
                 self.version = entry.version;
+                self.record_version(generation, entry.version);
+                self.pending = None;
                 self.previous = Some(set.clone());
                 self.build(&set, lifetime, elapsed, generation).map(|t| (set, t, Origin::Shared))
             }
@@ -511,9 +529,13 @@ impl Driver {
         let Some(current) = self.cell.latest() else { return };
         let Some(set) = self.previous.as_ref() else { return };
         let stored = self.stored(set, &current);
-        if let (Some(lease), Some(f)) = (self.lease.take(), self.store.fleet()) {
+        let store = Arc::clone(&self.store);
+        if let (Some(lease), Some(f)) = (self.lease.take(), store.fleet()) {
             match f.save_fenced(&self.key, &stored, &lease).await {
-                Ok(Some(v)) => self.version = v,
+                Ok(Some(v)) => {
+                    self.version = v;
+                    self.record_version(current.generation, v);
+                }
                 Ok(None) => {
                     metrics::get().fleet_lease_total.with_label_values(&[&self.name, "lost"]).inc();
                     warn!(provider = %self.name, "the refresh lease lapsed before the token was written; not sharing it");
@@ -531,6 +553,7 @@ impl Driver {
             match self.store.save(&self.key, &stored, expected).await {
                 Ok(Saved::Written(v)) => {
                     self.version = v;
+                    self.record_version(current.generation, v);
                     if let Some(old) = self.legacy.take() {
                         let _ = self.store.remove(&self.name, old).await;
                     }
@@ -558,16 +581,28 @@ impl Driver {
 
     /// The upstream rejected our token: drop it from the fleet too (only if the shared
     /// entry still holds it), so that every replica stops using it at once.
-    async fn invalidate_shared(&mut self) {
+    async fn invalidate_shared(&mut self, generation: u64) {
         let Some(f) = self.store.fleet() else { return };
-        if self.version == 0 {
-            return;
-        }
-        match f.invalidate(&self.key, self.version).await {
-            Ok(true) => info!(provider = %self.name, version = self.version, "rejected token dropped fleet-wide"),
+        // Only the entry that holds the rejected token: a newer one written meanwhile
+        // (a refresh that finished just before this rejection was handled) stays.
+        let Some(version) = self.version_of(generation) else { return };
+        match f.invalidate(&self.key, version).await {
+            Ok(true) => info!(provider = %self.name, version, "rejected token dropped fleet-wide"),
             Ok(false) => {}
             Err(e) => self.store_failed("remove", &e.to_string()),
         }
+    }
+
+    fn record_version(&mut self, generation: u64, version: Version) {
+        self.versions.retain(|(g, _)| *g != generation);
+        self.versions.push((generation, version));
+        if self.versions.len() > 4 {
+            self.versions.remove(0);
+        }
+    }
+
+    fn version_of(&self, generation: u64) -> Option<Version> {
+        self.versions.iter().find(|(g, _)| *g == generation).map(|(_, v)| *v)
     }
 
     /// What another replica did.
@@ -576,13 +611,19 @@ impl Driver {
             FleetMessage::Written { key, version } if key == self.key && version != self.version => {
                 self.adopt_shared(fetch).await;
             }
-            FleetMessage::Invalidated { key, version } if key == self.key && version == self.version => {
-                if let Some(t) = self.cell.latest() {
+            FleetMessage::Invalidated { key, version } if key == self.key => {
+                if let Some(t) = self.cell.latest().filter(|t| self.version_of(t.generation) == Some(version)) {
                     // Another replica's upstream rejected this token: drop it here too.
                     if self.cell.invalidate(t.generation, Duration::ZERO) {
+                        self.dropped_by_fleet = Some(t.generation);
                         info!(provider = %self.name, "token rejected on another replica; dropping it here");
                     }
                 }
+            }
+            FleetMessage::Pending { key } if key == self.key => {
+                // A login was started on another replica: its pending state is the one
+                // a code given here must complete.
+                self.pending = None;
             }
             FleetMessage::Reconnected if !self.adopt_shared(fetch).await => self.write_back().await,
             _ => {}
@@ -599,13 +640,8 @@ impl Driver {
                 return false;
             }
         };
-        let current = self.cell.latest();
-        let theirs_later = match (entry.token.expires_at, current.as_ref().and_then(|t| t.expires_at).map(unix_of)) {
-            (_, None) => true,
-            (None, Some(_)) => true,
-            (Some(a), Some(b)) => a >= b,
-        };
-        if entry.version == self.version || entry.token.fingerprint != self.key || !theirs_later {
+        // A shared store's versions never go back: a greater one is a later write.
+        if entry.version <= self.version || entry.token.fingerprint != self.key {
             return false;
         }
         let (set, lifetime, elapsed) = token_set_of(&entry.token);
@@ -616,6 +652,8 @@ impl Driver {
             return false;
         }
         self.version = entry.version;
+        self.record_version(generation, entry.version);
+        self.pending = None;
         self.candidate = Some((set, token, Origin::Shared));
         self.apply(Event::Shared(meta), fetch).await;
         self.candidate = None;
@@ -625,11 +663,18 @@ impl Driver {
     /// Redis came back empty while we hold a usable token (a human's, say): put it back,
     /// unless another replica already did.
     async fn write_back(&mut self) {
+        // Only a token no replica could fetch again: the store cannot tell an entry lost
+        // with a Redis restart from one deleted because its token was rejected, and a
+        // machine token is simply fetched anew by the next replica that needs it.
+        if !self.cell.human_only() {
+            return;
+        }
         let (Some(current), Some(set)) = (self.cell.usable(), self.previous.as_ref()) else { return };
         let stored = self.stored(set, &current);
         match self.store.save(&self.key, &stored, 0).await {
             Ok(Saved::Written(v)) => {
                 self.version = v;
+                self.record_version(current.generation, v);
                 info!(provider = %self.name, "shared store was empty; wrote the token held here back");
             }
             Ok(Saved::Conflict(_)) => {}
@@ -739,6 +784,9 @@ impl Driver {
         let refreshable = self.source.can_refresh(&set);
         self.previous = Some(set.clone());
         let generation = self.cell.next_generation();
+        if self.version != 0 {
+            self.record_version(generation, self.version);
+        }
         match self.build(&set, lifetime, elapsed, generation) {
             Ok(token) => {
                 let meta = self.meta(&set, &token);
@@ -887,7 +935,7 @@ impl Clocks {
 const PENDING_TTL: Duration = Duration::from_secs(30 * 60);
 
 /// A stored token as a token set, with its lifetime and how long ago it was issued.
-fn token_set_of(stored: &StoredToken) -> (TokenSet, Lifetime, Duration) {
+pub(super) fn token_set_of(stored: &StoredToken) -> (TokenSet, Lifetime, Duration) {
     let lifetime = match stored.expires_at {
         None => Lifetime::Never,
         Some(exp) => Lifetime::Finite(Duration::from_secs(exp.saturating_sub(stored.issued_at).max(1))),
@@ -906,10 +954,6 @@ fn token_set_of(stored: &StoredToken) -> (TokenSet, Lifetime, Duration) {
     };
     let elapsed = Duration::from_secs(unix_now().saturating_sub(stored.issued_at));
     (set, lifetime, elapsed)
-}
-
-fn unix_of(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 async fn sleep_until(at: Option<Instant>) {

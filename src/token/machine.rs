@@ -148,6 +148,9 @@ pub enum Event {
     Rejected { generation: u64 },
     /// Requests are waiting and no usable token is held.
     Demand,
+    /// The token of this generation is spent by the wall clock though not by the
+    /// monotonic one (the host slept): treat it as expired now.
+    Expired { generation: u64 },
     /// The admin API asked for a new token now.
     Force,
     /// A human asked to start a login.
@@ -203,6 +206,8 @@ pub struct Machine {
     last_request_at: Option<Instant>,
     /// The IdP asked not to be called before this (429 `Retry-After`).
     not_before: Option<Instant>,
+    /// The wake-up set aside while a login step runs.
+    parked_wake: Option<Instant>,
     /// The clock reading of the event being handled.
     now: Instant,
     rng: fastrand::Rng,
@@ -225,6 +230,7 @@ impl Machine {
             refetch: false,
             last_request_at: None,
             not_before: None,
+            parked_wake: None,
             now: Instant::now(),
             rng: fastrand::Rng::with_seed(seed),
         }
@@ -330,6 +336,19 @@ impl Machine {
                     if self.in_flight.is_none() && (self.failures == 0 || !renewable) {
                         self.renew_or_end(now, true, &mut out);
                     } else if self.in_flight.is_none() {
+                        self.pull_forward(now, &mut out);
+                    }
+                }
+            }
+            Event::Expired { generation } => {
+                if let Some(t) = self.token.as_mut().filter(|t| t.generation == generation) {
+                    t.usable_until = Some(now);
+                    t.expires_at = Some(t.expires_at.map_or(now, |e| e.min(now)));
+                }
+                if self.started && self.in_flight.is_none() && !self.token_usable(now) {
+                    if self.failures == 0 {
+                        self.renew_or_end(now, false, &mut out);
+                    } else {
                         self.pull_forward(now, &mut out);
                     }
                 }
@@ -484,8 +503,14 @@ impl Machine {
         self.refetch = false;
     }
 
-    /// After a request finished: fetch again if credentials changed meanwhile.
+    /// After a request finished: resume a schedule a login step set aside, and fetch
+    /// again if credentials changed meanwhile.
     fn after_request(&mut self, _now: Instant, out: &mut Vec<Action>) {
+        if let Some(w) = self.parked_wake.take() {
+            if self.wake_at.is_none() && !self.awaiting_code {
+                self.wake_at = Some(w);
+            }
+        }
         if std::mem::take(&mut self.refetch) && self.in_flight.is_none() {
             self.renew(out);
         }
@@ -558,9 +583,12 @@ impl Machine {
             return;
         }
         self.in_flight = Some(kind);
-        self.wake_at = None;
         if matches!(kind, FetchKind::Acquire | FetchKind::Refresh) {
             self.last_request_at = Some(self.now);
+            self.wake_at = None;
+        } else {
+            // A login step does not replace the renewal schedule: it resumes afterwards.
+            self.parked_wake = self.wake_at.take();
         }
         out.push(Action::Fetch(kind));
     }

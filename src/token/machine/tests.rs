@@ -314,6 +314,40 @@ fn a_token_shared_by_the_fleet_is_published_without_a_request_or_a_save() {
 }
 
 #[test]
+fn a_login_step_does_not_cancel_the_renewal_schedule() {
+    let t0 = Instant::now();
+    let both = Caps { can_acquire: true, has_login: true };
+    let mut m = Machine::new(schedule(), both, 1);
+    m.handle(t0, Event::Start { stored: None });
+    m.handle(t0, Event::Fetched(token(t0, 1, Some(3600), true)));
+    let due = m.wake_at().expect("renewal scheduled");
+    m.handle(t0 + S(1), Event::LoginStart);
+    m.handle(t0 + S(2), Event::LoginStarted);
+    assert_eq!(m.wake_at(), Some(due), "the renewal survives a login start");
+    m.handle(t0 + S(3), Event::Code);
+    m.handle(t0 + S(4), Event::Failed(invalid_grant()));
+    assert_eq!(m.wake_at(), Some(due), "and a wrong code");
+}
+
+#[test]
+fn a_token_spent_by_the_wall_clock_is_renewed_but_never_past_a_backoff() {
+    let t0 = Instant::now();
+    let mut m = Machine::new(schedule(), MACHINE, 1);
+    m.handle(t0, Event::Start { stored: None });
+    m.handle(t0, Event::Fetched(token(t0, 1, Some(3600), false)));
+    // The host slept: by the monotonic clock the token has an hour left.
+    assert_eq!(fetches(&m.handle(t0 + S(1), Event::Expired { generation: 1 })), vec![FetchKind::Acquire]);
+    // The IdP is down: a second jump signal waits for backoff_min like any demand.
+    m.handle(t0 + S(1), Event::Failed(outage()));
+    assert!(fetches(&m.handle(t0 + S(1), Event::Expired { generation: 1 })).is_empty());
+    // Only a human can renew: the session is over (the token is dead).
+    let mut h = Machine::new(schedule(), HUMAN, 1);
+    h.handle(t0, Event::Start { stored: Some(token(t0, 1, Some(3600), false)) });
+    let a = h.handle(t0 + S(1), Event::Expired { generation: 1 });
+    assert!(a.contains(&Action::AwaitCode));
+}
+
+#[test]
 fn retired_machine_does_nothing() {
     let t0 = Instant::now();
     let mut m = Machine::new(schedule(), MACHINE, 1);
@@ -459,6 +493,12 @@ impl World {
                     let t = self.new_token();
                     self.offered = Some(t);
                     Event::Shared(t)
+                }
+                92..=93 => {
+                    let g = self.published.map(|t| t.generation).unwrap_or(0);
+                    // The wall clock says it is spent (the host slept).
+                    self.published = None;
+                    Event::Expired { generation: g }
                 }
                 _ => {
                     self.now += Duration::from_millis(self.rng.u64(0..500));
