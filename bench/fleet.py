@@ -44,10 +44,18 @@ STORE_KEY = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="
 STORES = ("memory", "redis")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n):
+    """n distinct loopback ports that were free a moment ago (all held until all are picked)."""
+    held = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            held.append(s)
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in held]
+    finally:
+        for s in held:
+            s.close()
 
 
 def redis_ping(port):
@@ -124,7 +132,8 @@ class Cost:
         self.work = tempfile.mkdtemp(prefix="tollgate-fleet-cost.")
         os.makedirs(os.path.join(self.work, "tmp"), exist_ok=True)
         self.noise_spent = 0.0
-        self.ports = {k: free_port() for k in ("UP", "IDP", "REDIS", "memory", "redis", "memory_admin", "redis_admin")}
+        names = ("UP", "IDP", "REDIS", "memory", "redis", "memory_admin", "redis_admin")
+        self.ports = dict(zip(names, free_ports(len(names))))
         self.pids = {}
         self.data = {
             "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -273,7 +282,7 @@ class Cost:
         out = {}
         for store in STORES:
             # Fresh ports: the old ones may have been reused as ephemeral ports meanwhile.
-            self.ports[store], self.ports[store + "_admin"] = free_port(), free_port()
+            self.ports[store], self.ports[store + "_admin"] = free_ports(2)
             prefix = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={self.work}/callgrind.{store}.%p"]
             # Under valgrind everything runs ~50x slower: a longer bound on Redis operations,
             # so that the store does not time out and fall back (which would not be the
@@ -391,7 +400,9 @@ def summary(count, cost):
             s["count"].setdefault(r["store"], {})[str(r["replicas"])] = {
                 "token_requests": r["token_requests"], "cycles": r["cycles"], "per_cycle": r["per_cycle"],
                 "max_per_cycle": r["max_per_cycle"], "client_failed": r["client_failed"],
-                "upstream_rejected": r["upstream_rejected"]}
+                "upstream_rejected": r["upstream_rejected"], "fallbacks": r["totals"].get("fallbacks", 0),
+                "redis_errors": r["totals"].get("redis_errors", 0),
+                "cpu_cores_other_processes": r.get("cpu_cores_other_processes")}
     if cost:
         for store in STORES:
             st = [x for x in cost["steps"] if x["store"] == store]
@@ -443,8 +454,8 @@ def report(count, cost, facts, label):
           f"`expiry_margin = \"{count['expiry_margin_s']:g}s\"`) with identical configs apart from their ports, all "
           f"started at once. Every replica gets {count['rate_per_replica']:g} client requests/s from the cold start on, "
           f"for {count['lifetimes']} token lifetimes ({count['lifetime_s'] * count['lifetimes']:g} s) and then until the "
-          f"token endpoint has been quiet for {runs[0]['cycle_gap_s'] / 2:g} s, so that a run ends between two refresh "
-          "cycles (every replica has then seen the same number).")
+          f"next refresh cycle is over (a token request, then none for {runs[0]['cycle_gap_s'] / 2:g} s), so that a run "
+          "ends between two cycles and every replica has seen the same number.")
         w("")
         w("- **token requests**: what the token endpoint double received during the run (cold start included).")
         w("- **cycles**: token generations a replica went through = tokens it put in use "
@@ -461,12 +472,13 @@ def report(count, cost, facts, label):
         for st in stores:
             name = "Redis" if st == "redis" else "memory"
             hdr += [f"{name}: token requests", f"{name}: cycles", f"{name}: per cycle", f"{name}: max in one cycle"]
-        hdr += ["Redis: fetched / shared", "failed client requests", "client requests with an expired token"]
+        hdr += ["Redis: fetched / shared", "failed client requests", "client requests with an expired token",
+                "other processes' CPU, cores"]
         w("| " + " | ".join(hdr) + " |")
         w("|" + "---|" * len(hdr))
         for n in sizes:
             row = [str(n)]
-            failed, rejected, fs = [], [], "–"
+            failed, rejected, others, fs = [], [], [], "–"
             for st in stores:
                 r = next((x for x in runs if x["store"] == st and x["replicas"] == n), None)
                 if r is None:
@@ -476,13 +488,19 @@ def report(count, cost, facts, label):
                         fmt(r["per_cycle"], 2), str(r["max_per_cycle"])]
                 failed.append(f"{r['client_failed']} of {r['client_ok'] + r['client_failed']}")
                 rejected.append(str(r["upstream_rejected"]))
+                others.append(fmt(r.get("cpu_cores_other_processes"), 2))
                 if st == "redis":
                     fs = f"{r['totals'].get('fetched', 0):.0f} / {r['totals'].get('shared', 0):.0f}"
-            row += [fs, " / ".join(failed), " / ".join(rejected)]
+            row += [fs, " / ".join(failed), " / ".join(rejected), " / ".join(others)]
             w("| " + " | ".join(row) + " |")
         w("")
+        w("*Other processes' CPU*: the machine's un-niced CPU time during the run minus that of the run's own "
+          "processes (replicas, redis-server, the driver with its doubles and client traffic), in cores; the machine "
+          f"has {os.cpu_count()}. Before each run the driver waits (at most {count.get('quiet_wait_s', 60):g} s) until "
+          "other processes use less than 0.3 of a core.")
+        w("")
         if len(stores) == 2:
-            w("The last two columns are Redis / memory.")
+            w("Where a column holds two values, they are Redis / memory.")
             w("")
         w("Token request times (s from the cold start), Redis store:")
         w("")
@@ -583,16 +601,25 @@ def reading(s):
         sizes = sorted(red, key=int)
         per = [red[n]["per_cycle"] for n in sizes]
         mx = max(red[n]["max_per_cycle"] for n in sizes)
+        fell = [n for n in sizes if red[n]["fallbacks"]]
         lines.append(
             f"Redis store: {min(per):.2f}–{max(per):.2f} token requests per refresh cycle for "
             f"{', '.join(sizes)} replicas; at most {mx} in any one cycle. "
             + ("The fleet makes one token request per cycle whatever its size."
                if mx == 1 else "Some cycles cost more than one token request (see the request times above)."))
+        for n in fell:
+            lines.append(
+                f"In the {n}-replica Redis run, {red[n]['redis_errors']:.0f} Redis operations failed or timed out and "
+                f"replicas fetched on their own {red[n]['fallbacks']:.0f} times (other processes used "
+                f"{fmt(red[n]['cpu_cores_other_processes'], 2)} cores meanwhile): the designed fallback when the shared "
+                "store does not answer in time; it costs token requests, never client requests.")
     if mem:
         sizes = sorted(mem, key=int)
         lines.append("Memory store (every replica on its own): "
                      + ", ".join(f"{n} replica(s) → {mem[n]['per_cycle']:.2f}" for n in sizes)
-                     + " token requests per cycle, i.e. one per replica per cycle.")
+                     + " token requests per cycle"
+                     + (": one per replica per cycle." if all(abs(mem[n]["per_cycle"] - int(n)) < 1e-9 for n in sizes)
+                        else "."))
     failed = sum(v["client_failed"] for st in s["count"].values() for v in st.values())
     rejected = sum(v["upstream_rejected"] for st in s["count"].values() for v in st.values())
     if s["count"]:
@@ -668,7 +695,8 @@ def main():
         tmp = tempfile.NamedTemporaryFile(prefix="fleet-count.", suffix=".json", delete=False)
         tmp.close()
         cmd = [a.fleet_count, "--tollgate", a.tollgate, "--replicas", a.replicas, "--lifetime", str(a.lifetime),
-               "--lifetimes", str(a.lifetimes), "--rate", str(a.rate), "--out", tmp.name]
+               "--lifetimes", str(a.lifetimes), "--rate", str(a.rate), "--quiet-wait", str(a.quiet_wait),
+               "--out", tmp.name]
         if a.keep_work:
             cmd.append("--keep-work")
         log("part 1: " + " ".join(cmd))

@@ -8,8 +8,8 @@
 //! (which accepts only unexpired tokens of that endpoint), and N `tollgate run`
 //! processes with identical configs except the ports. Every replica gets light client
 //! traffic from the cold start on, for `--lifetimes` token lifetimes and then until the
-//! token endpoint has been quiet for half a `--cycle-gap` (so the run ends between two
-//! refresh cycles; at most one more lifetime). Then it reads every replica's metrics,
+//! next refresh cycle is over (the token endpoint got a request and then none for half a
+//! `--cycle-gap`; at most one more lifetime), so the run ends between two cycles. Then it reads every replica's metrics,
 //! stops everything and records what the token endpoint saw.
 //!
 //! A refresh cycle is one token generation as a replica sees it: the tokens it put in
@@ -79,6 +79,9 @@ struct Args {
     /// Write the JSON here (else stdout).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Before each run, wait at most this long (s) for other processes to go quiet.
+    #[arg(long, default_value_t = 60.0)]
+    quiet_wait: f64,
     /// Keep the work directory (configs and replica logs) and print its path.
     #[arg(long)]
     keep_work: bool,
@@ -96,6 +99,12 @@ fn started() -> Instant {
 /// A loopback port that was free a moment ago.
 fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// `n` distinct loopback ports that were free a moment ago (all held until all are picked).
+fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
+    let held = (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<std::io::Result<Vec<_>>>()?;
+    held.iter().map(|l| Ok(l.local_addr()?.port())).collect()
 }
 
 /// A child process killed (SIGKILL) and reaped on drop, so nothing outlives a run.
@@ -163,10 +172,9 @@ fn ping(port: u16) -> Option<String> {
 /// The config every replica of a run gets; only the ports differ between replicas.
 fn config(a: &Args, idp: &Idp, upstream: &Upstream, redis: Option<u16>, proxy: u16, admin: u16) -> String {
     let store = match redis {
-        Some(port) => format!(
-            "kind = \"redis\"\nurl = \"redis://127.0.0.1:{port}/0\"\nencryption_keys = [\"{STORE_KEY}\"]\n\
-             lease_ttl = \"2s\"\ntimeout = \"500ms\"\n"
-        ),
+        Some(port) => {
+            format!("kind = \"redis\"\nurl = \"redis://127.0.0.1:{port}/0\"\nencryption_keys = [\"{STORE_KEY}\"]\n")
+        }
         None => "kind = \"memory\"\n".into(),
     };
     format!(
@@ -230,7 +238,8 @@ fn http() -> Result<reqwest::Client, String> {
 }
 
 /// Wait until the replica's admin listener answers `/healthz` and its proxy port accepts.
-async fn wait_healthy(r: &mut Replica, c: &reqwest::Client, deadline: Instant) -> Result<(), String> {
+/// The error says whether the process exited because a port was already in use.
+async fn wait_healthy(r: &mut Replica, c: &reqwest::Client, deadline: Instant) -> Result<(), (bool, String)> {
     loop {
         let healthy = matches!(c.get(format!("http://127.0.0.1:{}/healthz", r.admin)).send().await,
             Ok(resp) if resp.status() == 200);
@@ -238,13 +247,84 @@ async fn wait_healthy(r: &mut Replica, c: &reqwest::Client, deadline: Instant) -
             return Ok(());
         }
         if let Some(st) = r.proc.exited() {
-            return Err(format!("tollgate on :{} exited ({st}):\n{}", r.proxy, r.log_tail()));
+            let tail = r.log_tail();
+            return Err((
+                tail.contains("Address already in use"),
+                format!("tollgate on :{} exited ({st}):\n{tail}", r.proxy),
+            ));
         }
         if Instant::now() >= deadline {
-            return Err(format!("tollgate on :{} did not start in time:\n{}", r.proxy, r.log_tail()));
+            return Err((false, format!("tollgate on :{} did not start in time:\n{}", r.proxy, r.log_tail())));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Write replica `i`'s config and start it.
+fn spawn_replica(a: &Args, dir: &Path, i: usize, cfg: &str, proxy: u16, admin: u16) -> Result<Replica, String> {
+    let path = dir.join(format!("tollgate-{i}.toml"));
+    std::fs::write(&path, cfg).map_err(|e| format!("write config: {e}"))?;
+    let (out, err) = log_file(dir, &format!("tollgate-{i}"))?;
+    let child = Command::new(&a.tollgate)
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .env("TOLLGATE_LOG", "warn")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", a.tollgate.display()))?;
+    Ok(Replica { proc: Proc(child), proxy, admin, log: dir.join(format!("tollgate-{i}.log")) })
+}
+
+/// Machine-wide CPU ticks from /proc/stat: (busy without niced work, total).
+fn machine_ticks() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = text
+        .lines()
+        .next()
+        .map(|l| l.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_default();
+    if v.len() < 5 {
+        return (0, 0);
+    }
+    let total: u64 = v.iter().sum();
+    let idle = v[3] + v[4];
+    (total - idle - v[1], total)
+}
+
+/// utime + stime of one process, in the same ticks as /proc/stat.
+fn process_ticks(pid: u32) -> u64 {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0 };
+    let Some(rest) = text.rfind(')').map(|i| &text[i + 2..]) else { return 0 };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let get = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    get(11) + get(12)
+}
+
+/// Wait (at most `limit`) until other processes' un-niced work uses less than 0.3 of a
+/// core for 3 s in a row: this machine is shared, and a busy box delays Redis round trips.
+async fn wait_quiet(limit: Duration) -> f64 {
+    let start = Instant::now();
+    let mut quiet = 0;
+    let mut prev = machine_ticks();
+    while start.elapsed() < limit {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let cur = machine_ticks();
+        let busy_cores = (cur.0 - prev.0) as f64 / ((cur.1 - prev.1).max(1) as f64 / num_cores());
+        prev = cur;
+        quiet = if busy_cores < 0.3 { quiet + 1 } else { 0 };
+        if quiet >= 3 {
+            break;
+        }
+    }
+    start.elapsed().as_secs_f64()
+}
+
+fn num_cores() -> f64 {
+    std::thread::available_parallelism().map(|n| n.get() as f64).unwrap_or(1.0)
 }
 
 /// Sum of every series of `name` whose labels contain `label` (or all, when empty).
@@ -291,7 +371,14 @@ async fn one_run(a: &Args, store: &str, n: usize, work: &Path) -> Result<Value, 
     let dir = work.join(format!("{store}-{n}"));
     std::fs::create_dir_all(&dir).map_err(|e| format!("work dir: {e}"))?;
     let redis = match store {
-        "redis" => Some(start_redis(&a.redis_server, &dir)?),
+        // A port picked free may be taken before redis-server binds it: a few attempts.
+        "redis" => Some(match start_redis(&a.redis_server, &dir) {
+            Ok(r) => r,
+            Err(_) => match start_redis(&a.redis_server, &dir) {
+                Ok(r) => r,
+                Err(_) => start_redis(&a.redis_server, &dir)?,
+            },
+        }),
         "memory" => None,
         other => return Err(format!("unknown store {other:?} (redis or memory)")),
     };
@@ -302,32 +389,39 @@ async fn one_run(a: &Args, store: &str, n: usize, work: &Path) -> Result<Value, 
         .map_err(|e| format!("token-endpoint double: {e}"))?;
     let upstream = Upstream::start(Some(ledger)).await.map_err(|e| format!("upstream double: {e}"))?;
 
+    let waited_s = wait_quiet(Duration::from_secs_f64(a.quiet_wait)).await;
+    let machine0 = machine_ticks();
+    let self0 = process_ticks(std::process::id());
     // Cold start: every replica at once, then traffic on all of them at once.
     let t0 = Instant::now();
+    let redis_port = redis.as_ref().map(|r| r.1);
+    let ports = free_ports(2 * n).map_err(|e| format!("free ports: {e}"))?;
     let mut fleet = Vec::with_capacity(n);
-    for i in 0..n {
-        let (proxy, admin) = (free_port().map_err(|e| e.to_string())?, free_port().map_err(|e| e.to_string())?);
-        let path = dir.join(format!("tollgate-{i}.toml"));
-        std::fs::write(&path, config(a, &idp, &upstream, redis.as_ref().map(|r| r.1), proxy, admin))
-            .map_err(|e| format!("write config: {e}"))?;
-        let (out, err) = log_file(&dir, &format!("tollgate-{i}"))?;
-        let child = Command::new(&a.tollgate)
-            .arg("run")
-            .arg("--config")
-            .arg(&path)
-            .env("TOLLGATE_LOG", "warn")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", a.tollgate.display()))?;
-        fleet.push(Replica { proc: Proc(child), proxy, admin, log: dir.join(format!("tollgate-{i}.log")) });
+    for (i, pair) in ports.chunks(2).enumerate() {
+        let cfg = config(a, &idp, &upstream, redis_port, pair[0], pair[1]);
+        fleet.push(spawn_replica(a, &dir, i, &cfg, pair[0], pair[1])?);
     }
     let c = http()?;
     let deadline = Instant::now() + START_LIMIT;
-    for r in fleet.iter_mut() {
-        wait_healthy(r, &c, deadline).await?;
+    // A port picked free can be taken by someone else's connection before the replica
+    // binds it: such a replica is started again on other ports (a few times at most).
+    let mut restarted = 0;
+    for (i, r) in fleet.iter_mut().enumerate() {
+        let mut attempts = 0;
+        loop {
+            match wait_healthy(r, &c, deadline).await {
+                Ok(()) => break,
+                Err((true, _)) if attempts < 3 => {
+                    attempts += 1;
+                    restarted += 1;
+                    let p = free_ports(2).map_err(|e| format!("free ports: {e}"))?;
+                    log(&format!("  replica {i}: a port was taken meanwhile; starting it again on other ports"));
+                    let cfg = config(a, &idp, &upstream, redis_port, p[0], p[1]);
+                    *r = spawn_replica(a, &dir, i, &cfg, p[0], p[1])?;
+                }
+                Err((_, e)) => return Err(e),
+            }
+        }
     }
     let healthy_s = t0.elapsed().as_secs_f64();
     let gap = a.cycle_gap.unwrap_or(a.lifetime / 4.0);
@@ -353,14 +447,16 @@ async fn one_run(a: &Args, store: &str, n: usize, work: &Path) -> Result<Value, 
             }
         }));
     }
-    // End between two refresh cycles, so that every replica has seen the same cycles
-    // when it is asked: after the nominal length, wait (at most one more lifetime) until
-    // the token endpoint has been quiet for half a cycle gap.
+    // End right after a refresh cycle, so that every replica has seen the same cycles
+    // when it is asked and the next cycle is far off: after the nominal length, wait for
+    // the next token request, then until the token endpoint has been quiet for half a
+    // cycle gap (never past one more lifetime).
     tokio::time::sleep_until((t0 + lifetime * a.lifetimes).into()).await;
+    let nominal = idp.count();
     let quiet = Duration::from_secs_f64(gap / 2.0);
     while Instant::now() < hard_end {
         let last = idp.seen().iter().map(|s| s.at).max();
-        if last.is_none_or(|l| l.elapsed() >= quiet) {
+        if idp.count() > nominal && last.is_some_and(|l| l.elapsed() >= quiet) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -408,6 +504,17 @@ async fn one_run(a: &Args, store: &str, n: usize, work: &Path) -> Result<Value, 
     }
     // A token request that landed while the replicas were being asked (should be none).
     let during_scrape = idp.count().saturating_sub(seen_at_end);
+    // CPU of everything on the machine vs this run's processes (replicas, Redis, and this
+    // driver with its doubles and traffic): the rest is other people's work.
+    let machine1 = machine_ticks();
+    let ours: u64 = fleet.iter().map(|r| process_ticks(r.proc.0.id())).sum::<u64>()
+        + redis.as_ref().map(|r| process_ticks(r.0 .0.id())).unwrap_or(0)
+        + process_ticks(std::process::id()).saturating_sub(self0);
+    let machine_busy = machine1.0.saturating_sub(machine0.0) as f64;
+    let machine_total = machine1.1.saturating_sub(machine0.1).max(1) as f64;
+    let others_cores = (machine_busy - ours as f64).max(0.0) / machine_total * num_cores();
+    let ours_cores = ours as f64 / machine_total * num_cores();
+    let load_avg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     drop(fleet);
     drop(redis);
 
@@ -428,6 +535,11 @@ async fn one_run(a: &Args, store: &str, n: usize, work: &Path) -> Result<Value, 
         "healthy_after_s": healthy_s,
         "ran_s": ran_s,
         "token_requests_while_scraping": during_scrape,
+        "replicas_restarted_for_a_port": restarted,
+        "waited_for_quiet_s": waited_s,
+        "cpu_cores_this_run": ours_cores,
+        "cpu_cores_other_processes": others_cores,
+        "load_average_at_end": load_avg.split_whitespace().next().unwrap_or(""),
         "token_requests": requests,
         "token_request_times_s": times,
         "cycles_per_replica": cycles,
@@ -483,6 +595,7 @@ async fn run(a: &Args) -> Result<(), String> {
         "refresh_before_s": a.refresh_before,
         "expiry_margin_s": a.expiry_margin,
         "rate_per_replica": a.rate,
+        "quiet_wait_s": a.quiet_wait,
         "runs": runs,
     });
     let text = serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?;
