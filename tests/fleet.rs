@@ -24,7 +24,9 @@ fn store_table(url: Option<&str>, sentinel: Option<&str>) -> String {
     if let Some(u) = url {
         s.push_str(&format!("url = \"{u}\"\n"));
     }
-    s.push_str(&format!("encryption_keys = [\"{STORE_KEY}\"]\nlease_ttl = \"2s\"\ntimeout = \"500ms\"\n"));
+    // Generous bounds: 8 processes start at once on a 2-core machine, and a Redis call
+    // that times out makes a replica fall back to fetching alone (a second request).
+    s.push_str(&format!("encryption_keys = [\"{STORE_KEY}\"]\nlease_ttl = \"3s\"\ntimeout = \"2s\"\n"));
     if let Some(n) = sentinel {
         s.push_str(&format!("[store.sentinel]\nmaster = \"mymaster\"\nnodes = [\"{n}\"]\n"));
     }
@@ -102,6 +104,15 @@ fn assert_nothing_plain(redis: &RedisServer, secrets: &[String]) {
     }
 }
 
+/// Token requests made alone because Redis could not be reached in time, fleet-wide.
+async fn fallbacks(fleet: &[Tollgate]) -> f64 {
+    let mut n = 0.0;
+    for t in fleet {
+        n += t.metric("tollgate_fleet_fallback_total{provider=\"backend\"}").await;
+    }
+    n
+}
+
 /// Times of the token requests the double saw, sorted.
 fn request_times(idp: &Idp) -> Vec<Instant> {
     let mut t: Vec<Instant> = idp.seen().iter().map(|s| s.at).collect();
@@ -120,7 +131,7 @@ async fn eight_replicas_make_one_token_request_from_cold_and_one_per_lifetime() 
     // Traffic on all eight from the cold start: the first requests wait for the token.
     let load = traffic(&fleet, 40);
     all_ready(&fleet).await;
-    assert_eq!(idp.count(), 1, "a cold fleet of 8 made one token request");
+    assert_eq!(idp.count(), 1, "a cold fleet of 8 made one token request (fallbacks: {})", fallbacks(&fleet).await);
     tokio::time::sleep(Duration::from_secs(20)).await;
     let (ok, bad, firsts) = finish(load).await;
     assert_eq!(bad, 0, "failed client requests: {firsts:?}");
@@ -315,8 +326,8 @@ async fn the_fleet_converges_within_the_lease_time_after_the_lease_holder_is_kil
     let started = Instant::now();
     let others = start_fleet(3, &cfg).await;
     all_ready(&others).await;
-    // Lease 2 s (renewed until the kill), plus start-up and the token request.
-    assert!(started.elapsed() < Duration::from_secs(5), "converged after {:?}", started.elapsed());
+    // Lease 3 s (renewed until the kill), plus start-up and the token request.
+    assert!(started.elapsed() < Duration::from_secs(7), "converged after {:?}", started.elapsed());
     // The dead holder's request may or may not have reached the double before the kill.
     assert!(idp.count() <= 2, "one request for the rest of the fleet: {}", idp.count());
     let leases: Vec<String> = ::redis::cmd("KEYS").arg("*lease*").query(&mut redis.conn()).expect("KEYS");
@@ -356,11 +367,7 @@ async fn redis_down_then_back_empty_fails_no_request_and_bounds_token_requests()
     let first_two_s = rejoin.iter().filter(|t| **t < back + Duration::from_secs(2)).count();
     assert!(first_two_s <= 4, "a burst after Redis came back: {first_two_s}");
     assert!(after <= 4 + 4, "token requests after Redis came back: {after}");
-    let mut fell_back = 0.0;
-    for t in &fleet {
-        fell_back += t.metric("tollgate_fleet_fallback_total{provider=\"backend\"}").await;
-    }
-    assert!(fell_back >= 1.0, "the fallback is counted");
+    assert!(fallbacks(&fleet).await >= 1.0, "the fallback is counted");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -19,10 +19,21 @@ pub mod redis;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
 
-/// A loopback port that was free a moment ago.
+/// A loopback port that was free a moment ago, and never handed out before in this test
+/// binary: the kernel may give a just-released port out again, and two processes started
+/// together (a fleet of replicas) would then race for it.
 pub fn free_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind ephemeral port");
-    l.local_addr().expect("local addr")
+    static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    for _ in 0..100 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind ephemeral port");
+        let addr = l.local_addr().expect("local addr");
+        let mut seen = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+        if !seen.contains(&addr.port()) {
+            seen.push(addr.port());
+            return addr;
+        }
+    }
+    panic!("no fresh loopback port after 100 tries");
 }
 
 pub struct Tollgate {
