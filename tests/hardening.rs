@@ -74,31 +74,11 @@ async fn readiness_is_a_start_up_gate_by_default_and_a_steady_state_check_on_req
 }
 
 fn tnid_config(tnid: &tollgate_testkit::seeds::Tnid, upstream: &Upstream, route_extra: &str) -> String {
-    format!(
-        r#"
-[proxy]
-listen = "{{PROXY}}"
-token_wait = "1s"
-[admin]
-listen = "{{ADMIN}}"
-[store]
-kind = "file"
-path = "{{DIR}}/tokens.json"
-[providers.p]
-kind = "tnid"
-base_url = "{base}"
-telephone_number = "3024343434333"
-reauth_min_interval = "100ms"
-[[routes]]
-name = "api"
-path_prefix = "/"
-upstream = "{up}"
-provider = "p"
-{route_extra}
-"#,
-        base = tnid.url(),
-        up = upstream.url(),
-    )
+    let provider = format!(
+        "[providers.p]\nkind = \"tnid\"\nbase_url = \"{}\"\ntelephone_number = \"3024343434333\"\nreauth_min_interval = \"100ms\"",
+        tnid.url()
+    );
+    file_store_config(&provider, upstream, route_extra)
 }
 
 async fn tnid_login(tg: &Tollgate, tnid: &tollgate_testkit::seeds::Tnid) {

@@ -11,29 +11,6 @@ use serde_json::Value;
 use support::*;
 use tollgate_testkit::seeds::{Etna, EtnaConfig, ThrillConfig, ThrillId, Tnid};
 
-fn config(provider: &str, upstream: &Upstream, route_extra: &str) -> String {
-    format!(
-        r#"
-[proxy]
-listen = "{{PROXY}}"
-token_wait = "1s"
-[admin]
-listen = "{{ADMIN}}"
-[store]
-kind = "file"
-path = "{{DIR}}/tokens.json"
-{provider}
-[[routes]]
-name = "api"
-path_prefix = "/"
-upstream = "{up}"
-provider = "p"
-{route_extra}
-"#,
-        up = upstream.url()
-    )
-}
-
 async fn admin_post(tg: &Tollgate, path: &str, body: Option<&str>) -> (u16, Value) {
     let mut req = client().post(tg.admin_url(path));
     if let Some(b) = body {
@@ -67,8 +44,10 @@ upstream_headers = {{ "X-Org-Id" = "{{org_id}}" }}
 "#,
         thrill.url()
     );
-    let tg =
-        Tollgate::start_with_env(&config(&provider, &upstream, ""), &[("THRILL_PW", "some_really_random_password")]);
+    let tg = Tollgate::start_with_env(
+        &file_store_config(&provider, &upstream, ""),
+        &[("THRILL_PW", "some_really_random_password")],
+    );
     tg.wait_ready().await;
     let c = client();
     let started = Instant::now();
@@ -116,7 +95,7 @@ async fn tnid_otp_login_through_admin_api_wrong_then_right_code_and_survives_kil
     let ledger = Ledger::default();
     let tnid = Tnid::start(ledger.clone()).await.unwrap();
     let upstream = Upstream::start(Some(ledger.clone())).await.unwrap();
-    let mut tg = Tollgate::start(&config(&tnid_provider(&tnid), &upstream, ""));
+    let mut tg = Tollgate::start(&file_store_config(&tnid_provider(&tnid), &upstream, ""));
     tg.wait_healthy().await;
 
     // Before the human step: 503 naming the command, not ready, state and metric say so.
@@ -186,7 +165,7 @@ async fn tnid_login_with_the_cli_start_only_then_code() {
     let ledger = Ledger::default();
     let tnid = Tnid::start(ledger.clone()).await.unwrap();
     let upstream = Upstream::start(Some(ledger.clone())).await.unwrap();
-    let tg = Tollgate::start(&config(&tnid_provider(&tnid), &upstream, ""));
+    let tg = Tollgate::start(&file_store_config(&tnid_provider(&tnid), &upstream, ""));
     tg.wait_healthy().await;
     let admin = format!("http://{}", tg.admin);
     let out = run_cli(&["login", "p", "--admin-url", &admin, "--start-only"], tg.dir.path());
@@ -221,7 +200,7 @@ upstream_headers = {{ "Et-App-Key" = "{{app_key}}" }}
         etna.url()
     );
     let tg = Tollgate::start_with_env(
-        &config(&provider, &upstream, ""),
+        &file_store_config(&provider, &upstream, ""),
         &[("ETNA_PW", "etna-pass"), ("ETNA_KEY", "etna-app-key")],
     );
     tg.wait_healthy().await;
@@ -279,7 +258,7 @@ otp_email = "someone@example.com"
         idp.url(),
         idp.addr
     );
-    let mut tg = Tollgate::start(&config(&provider, &upstream, ""));
+    let mut tg = Tollgate::start(&file_store_config(&provider, &upstream, ""));
     tg.wait_healthy().await;
     assert_eq!(get_json(tg.admin_url("/admin/providers/p")).await["state"], "awaiting_code");
     assert_eq!(idp.count(), 0, "nothing to send without the OTP");

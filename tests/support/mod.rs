@@ -19,6 +19,31 @@ pub mod redis;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
 
+/// One provider `p` (its `[providers.p]` table in `provider`), one catch-all route `api`
+/// to `upstream` (plus `route_extra` keys), and a file store in the test's directory.
+pub fn file_store_config(provider: &str, upstream: &Upstream, route_extra: &str) -> String {
+    format!(
+        r#"
+[proxy]
+listen = "{{PROXY}}"
+token_wait = "1s"
+[admin]
+listen = "{{ADMIN}}"
+[store]
+kind = "file"
+path = "{{DIR}}/tokens.json"
+{provider}
+[[routes]]
+name = "api"
+path_prefix = "/"
+upstream = "{up}"
+provider = "p"
+{route_extra}
+"#,
+        up = upstream.url()
+    )
+}
+
 /// A loopback port that was free a moment ago, and never handed out before in this test
 /// binary: the kernel may give a just-released port out again, and two processes started
 /// together (a fleet of replicas) would then race for it.
