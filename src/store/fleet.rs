@@ -74,9 +74,7 @@ pub trait Fleet: Send + Sync {
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<FleetMessage>;
     /// Whether the last operation (or the message stream's last check) reached Redis.
     fn healthy(&self) -> bool;
-    /// How long a lease lives unless renewed: a holder that dies mid-fetch blocks the
-    /// fleet for at most this long.
-    fn lease_ttl(&self) -> Duration {
-        Duration::from_secs(10)
-    }
+    /// How long a lease lives unless renewed (`store.lease_ttl`): a holder that dies
+    /// mid-fetch blocks the fleet for at most this long.
+    fn lease_ttl(&self) -> Duration;
 }
