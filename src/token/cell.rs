@@ -201,7 +201,21 @@ impl TokenCell {
             match tokio::time::timeout_at(deadline.into(), rx.changed()).await {
                 Ok(Ok(())) => continue,
                 Ok(Err(_)) | Err(_) => {
-                    return self.usable().ok_or(Unavailable::Timeout);
+                    if let Some(t) = self.usable() {
+                        return Ok(t);
+                    }
+                    // Out of time while attempts kept failing: say why they failed.
+                    let last = *rx.borrow();
+                    return Err(match last.failed {
+                        Some(class) => Unavailable::Failed {
+                            class,
+                            retry_in: last
+                                .next_at
+                                .map(|n| n.saturating_duration_since(Instant::now()))
+                                .unwrap_or(Duration::from_secs(1)),
+                        },
+                        None => Unavailable::Timeout,
+                    });
                 }
             }
         }
