@@ -18,6 +18,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod gateway;
+pub mod jose;
 pub mod login;
 pub mod metrics;
 pub mod provider;
