@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::{self, Settings};
+use crate::provider::kinds::oauth2::{Endpoint, OAuth2Spec};
 use crate::provider::SourceSpec;
 use crate::secret::REDACTED;
 
@@ -157,9 +158,12 @@ pub fn describe(s: &Settings) -> String {
             SourceSpec::OAuth2(o) => {
                 let _ = writeln!(
                     out,
-                    "provider {}: oauth2 {:?} grant {:?} client_id {} client_secret {} client_auth {:?} encoding {:?} username {} password {}{}",
+                    "provider {}: oauth2 {} grant {:?} client_id {} client_secret {} client_auth {:?} encoding {:?} username {} password {}{}",
                     p.name,
-                    o.token_url.as_str(),
+                    match &o.endpoint {
+                        Endpoint::Token(u) => format!("{:?}", u.as_str()),
+                        Endpoint::Issuer(u) => format!("issuer {:?} (token endpoint from discovery)", u.as_str()),
+                    },
                     o.grant,
                     o.client_id.as_deref().unwrap_or("(none)"),
                     if o.client_secret.is_some() { REDACTED } else { "(none)" },
@@ -172,6 +176,9 @@ pub fn describe(s: &Settings) -> String {
                         None => String::new(),
                     },
                 );
+                for line in modern_lines(o) {
+                    let _ = writeln!(out, "  {line}");
+                }
             }
             SourceSpec::Http(h) => {
                 let _ = writeln!(
@@ -247,6 +254,61 @@ pub fn describe(s: &Settings) -> String {
             r.provider.as_deref().unwrap_or("(none: pass-through)"),
             r.header_name,
         );
+    }
+    out
+}
+
+/// What `check` says of an OAuth2 provider's keys, certificates, files and DPoP: paths
+/// and public facts (algorithm, kid, key thumbprint), never key material.
+fn modern_lines(o: &OAuth2Spec) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(k) = &o.signing_key {
+        out.push(format!(
+            "client assertion key {:?} ({}{})",
+            k.file.path.display().to_string(),
+            k.alg.map(|a| a.as_str()).unwrap_or("alg from the key"),
+            k.kid.as_ref().map(|k| format!(", kid {k}")).unwrap_or_default()
+        ));
+    }
+    if let Some(f) = &o.client_assertion_file {
+        out.push(format!("client assertion read from {:?} before every token request", f.display().to_string()));
+    }
+    if let Some(c) = &o.client_cert {
+        out.push(format!(
+            "client certificate {:?} key {:?}{}",
+            c.cert.path.display().to_string(),
+            c.key.path.display().to_string(),
+            if c.upstream { " (also presented to the upstream)" } else { "" }
+        ));
+    }
+    if let Some(f) = &o.assertion_file {
+        out.push(format!("assertion read from {:?} before every token request", f.display().to_string()));
+    }
+    if let Some(x) = &o.exchange {
+        out.push(format!(
+            "token exchange: subject token {:?} ({}){}{}",
+            x.subject_token_file.display().to_string(),
+            x.subject_token_type,
+            x.actor_token_file
+                .as_ref()
+                .map(|a| format!(", actor token {:?}", a.display().to_string()))
+                .unwrap_or_default(),
+            x.requested_token_type.as_ref().map(|r| format!(", requesting {r}")).unwrap_or_default(),
+        ));
+    }
+    if !o.resource.is_empty() {
+        out.push(format!("resource {}", o.resource.join(" ")));
+    }
+    if let Some(d) = &o.dpop {
+        out.push(format!(
+            "dpop: key thumbprint {} ({})",
+            d.key.thumbprint(),
+            match &d.key_file {
+                Some(f) => format!("from {:?}", f.display().to_string()),
+                None => "generated at start; set dpop_key_file to keep it across restarts and share it across replicas"
+                    .into(),
+            }
+        ));
     }
     out
 }

@@ -329,6 +329,7 @@ impl Plan {
         // Each route's upstream addresses, followed in the background (never failing).
         let upstreams = crate::proxy::resolve::upstreams_for(&settings, handle);
         let mut entries = Vec::new();
+        let mut nonces = crate::proxy::router::DpopNonces::default();
         for ((r, peer), upstream) in settings.routes.iter().zip(self.peers).zip(upstreams) {
             let cell = r.provider.as_ref().and_then(|p| providers.get(p)).map(|h| Arc::clone(&h.cell));
             let reauth_min_interval = r
@@ -338,6 +339,7 @@ impl Plan {
                 .map(|p| p.timing.reauth_min_interval)
                 .unwrap_or_default();
             entries.push(RouteEntry {
+                dpop_nonce: nonces.for_origin(&r.upstream),
                 peer,
                 upstream,
                 metrics: crate::metrics::RouteMetrics::new(&r.name),
@@ -402,5 +404,27 @@ fn peer_for(r: &RouteSpec, settings: &Settings) -> Result<HttpPeer, BuildError> 
         })?;
         peer.options.ca = Some(Arc::new(certs.into_boxed_slice()));
     }
+    let cert = r.provider.as_ref().and_then(|p| settings.provider(p)).and_then(ProviderSpec::upstream_client_cert);
+    if let (Some(c), true) = (cert, u.tls) {
+        peer.client_cert_key = Some(Arc::new(upstream_client_cert(&r.name, c)?));
+    }
     Ok(peer)
+}
+
+/// The provider's client certificate as the upstream TLS connector takes it. Read on
+/// every config load: the watcher reloads when the files change.
+fn upstream_client_cert(
+    route: &str,
+    c: &crate::provider::kinds::oauth2::ClientCertSpec,
+) -> Result<pingora::utils::tls::CertKey, BuildError> {
+    let fail = |what: &str| BuildError::Route(route.to_string(), format!("upstream_client_cert: {what}"));
+    let cert = std::fs::read(&c.cert.path)
+        .map_err(|e| fail(&format!("cannot read {}: {}", c.cert.path.display(), e.kind())))?;
+    let key = zeroize::Zeroizing::new(
+        std::fs::read(&c.key.path).map_err(|e| fail(&format!("cannot read {}: {}", c.key.path.display(), e.kind())))?,
+    );
+    let chain = X509::stack_from_pem(&cert).map_err(|_| fail("client_cert_file holds no PEM certificate"))?;
+    let key = pingora::tls::pkey::PKey::private_key_from_pem(&key)
+        .map_err(|_| fail("client_key_file holds no usable PEM private key"))?;
+    Ok(pingora::utils::tls::CertKey::new(chain, key))
 }

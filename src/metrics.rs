@@ -21,6 +21,7 @@ pub struct Metrics {
     pub config_reload_total: IntCounterVec,
     pub upstream_auth_rejected_total: IntCounterVec,
     pub upstream_insufficient_scope_total: IntCounterVec,
+    pub upstream_challenges_total: IntCounterVec,
     pub store_errors_total: IntCounterVec,
     pub fleet_lease_total: IntCounterVec,
     pub fleet_fallback_total: IntCounterVec,
@@ -124,6 +125,11 @@ impl Metrics {
                 "tollgate_upstream_insufficient_scope_total",
                 "Upstream rejections with RFC 6750 `insufficient_scope`, passed through without renewing the token, by route.",
                 &["route"],
+            ),
+            upstream_challenges_total: counter(
+                "tollgate_upstream_challenges_total",
+                "Upstream 401/403 answers by route and the RFC 6750 / RFC 9449 `error` of their `WWW-Authenticate` challenge (invalid_token, insufficient_scope, use_dpop_nonce, invalid_dpop_proof, other, none).",
+                &["route", "error"],
             ),
             store_errors_total: counter(
                 "tollgate_store_errors_total",

@@ -232,6 +232,11 @@ pub struct StepConfig {
 pub enum GrantConfig {
     ClientCredentials,
     Password,
+    /// RFC 7523 section 2.1: a JWT from `assertion_file` (a projected service-account
+    /// token, say) is the grant.
+    JwtBearer,
+    /// RFC 8693: a token from `subject_token_file` is exchanged for one for this API.
+    TokenExchange,
 }
 
 /// `encoding` as written (`kind = "oauth2"`).
@@ -250,7 +255,32 @@ pub enum ClientAuthConfig {
     #[default]
     ClientSecretPost,
     ClientSecretBasic,
+    /// RFC 7523 / OIDC Core 9: an HS256 assertion keyed with the client secret.
+    ClientSecretJwt,
+    /// RFC 7523 / OIDC Core 9: an assertion signed with `private_key_file`.
+    PrivateKeyJwt,
+    /// RFC 8705 section 2.1: a CA-issued client certificate (`client_cert_file`).
+    TlsClientAuth,
+    /// RFC 8705 section 2.2: a self-signed client certificate registered with the IdP.
+    SelfSignedTlsClientAuth,
     None,
+}
+
+/// One value or a list (`resource = "https://api"` or `resource = ["https://a", "https://b"]`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn to_vec(&self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s.clone()],
+            OneOrMany::Many(v) => v.clone(),
+        }
+    }
 }
 
 /// One identity provider. A flat table with a `kind`, validated per kind (by
@@ -263,6 +293,9 @@ pub enum ClientAuthConfig {
 pub struct ProviderConfig {
     pub kind: ProviderKindConfig,
     pub token_url: Option<String>,
+    /// The IdP's issuer URL, instead of `token_url`: the token endpoint (and what the IdP
+    /// supports) is read from its RFC 8414 / OpenID Connect discovery metadata.
+    pub issuer: Option<String>,
     pub grant: Option<GrantConfig>,
     pub client_id: Option<String>,
     pub client_secret: Option<SecretSource>,
@@ -280,6 +313,48 @@ pub struct ProviderConfig {
     pub extra_headers: BTreeMap<String, String>,
     /// Use the refresh_token grant when the IdP issued a refresh token (default true).
     pub use_refresh_token: Option<bool>,
+    /// RFC 8707 resource indicators, sent on every token request of any grant.
+    pub resource: Option<OneOrMany>,
+    /// `private_key_jwt`: the signing key, PEM (PKCS#8, SEC1, PKCS#1) or JWK. Re-read when
+    /// the file changes.
+    pub private_key_file: Option<PathBuf>,
+    /// `private_key_jwt` with an assertion someone else signed, read again before every
+    /// token request (Entra ID workload identity: the projected service-account token is
+    /// the client assertion). Instead of `private_key_file`.
+    pub client_assertion_file: Option<PathBuf>,
+    /// The `kid` of client assertions (default: the JWK's own `kid`, if any).
+    pub key_id: Option<String>,
+    /// RS256, PS256, ES256 or EdDSA (default: from the key: RSA → RS256, P-256 → ES256,
+    /// Ed25519 → EdDSA).
+    pub signing_alg: Option<String>,
+    /// The `aud` of client assertions (default: the token endpoint's URL).
+    pub assertion_audience: Option<String>,
+    /// `grant = "jwt_bearer"`: the assertion, read again before every token request.
+    pub assertion_file: Option<PathBuf>,
+    /// `grant = "token_exchange"`: the subject token, read again before every token request.
+    pub subject_token_file: Option<PathBuf>,
+    /// Default `urn:ietf:params:oauth:token-type:jwt`.
+    pub subject_token_type: Option<String>,
+    /// `grant = "token_exchange"`: an optional actor token (delegation).
+    pub actor_token_file: Option<PathBuf>,
+    /// Default `urn:ietf:params:oauth:token-type:jwt` (when `actor_token_file` is set).
+    pub actor_token_type: Option<String>,
+    /// `grant = "token_exchange"`: the token type asked for (e.g.
+    /// `urn:ietf:params:oauth:token-type:access_token`).
+    pub requested_token_type: Option<String>,
+    /// RFC 8705: a client certificate (PEM) presented to the token endpoint; re-read when
+    /// the file changes.
+    pub client_cert_file: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    pub client_key_file: Option<PathBuf>,
+    /// Present the client certificate to the upstream of this provider's routes as well,
+    /// so that certificate-bound tokens (RFC 8705 section 3) are accepted.
+    pub upstream_client_cert: Option<bool>,
+    /// RFC 9449: sender-constrained tokens. Token requests carry a DPoP proof, and a
+    /// `token_type` of `DPoP` makes every proxied request carry a fresh one.
+    pub dpop: Option<bool>,
+    /// The DPoP key (EC P-256; PEM or JWK). Absent: a key generated at start.
+    pub dpop_key_file: Option<PathBuf>,
 
     /// Refresh at the latest this long before expiry (the schedule also refreshes at
     /// 80 % of the lifetime, whichever comes first).

@@ -78,6 +78,34 @@ fn prepare(example: &Path) -> Prepared {
         dummies.push(value);
         text = text.replace(&format!("\"{original}\""), &format!("\"{}\"", copy.display()));
     }
+    // Keys and certificates: a real P-256 key and a certificate for it (the check parses
+    // them); tokens read per request: dummy text. None of it may be printed.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["tollgate.test".into()]).unwrap().self_signed(&key).unwrap();
+    let key_pem = key.serialize_pem();
+    dummies.extend(key_pem.lines().filter(|l| !l.starts_with("-----")).map(str::to_string));
+    for (n, (k, content)) in [
+        ("private_key_file", key_pem.clone()),
+        ("dpop_key_file", key_pem.clone()),
+        ("client_key_file", key_pem.clone()),
+        ("client_cert_file", cert.pem()),
+        ("assertion_file", format!("dummy-assertion-{stem}-Hd8sQ")),
+        ("client_assertion_file", format!("dummy-client-assertion-{stem}-Hd8sQ")),
+        ("subject_token_file", format!("dummy-subject-{stem}-Hd8sQ")),
+        ("actor_token_file", format!("dummy-actor-{stem}-Hd8sQ")),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for original in quoted_after(&text, k) {
+            let copy = dir.path().join(format!("{k}-{n}"));
+            std::fs::write(&copy, &content).unwrap();
+            if !content.starts_with("-----") {
+                dummies.push(content.clone());
+            }
+            text = text.replace(&format!("\"{original}\""), &format!("\"{}\"", copy.display()));
+        }
+    }
     let path = dir.path().join(example.file_name().unwrap());
     std::fs::write(&path, text).unwrap();
     Prepared { _dir: dir, path, env, dummies }

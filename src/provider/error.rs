@@ -23,10 +23,16 @@ pub enum ErrorClass {
     Connect,
     /// A 2xx whose body is not a usable token response.
     Malformed,
+    /// The IdP's discovery metadata could not be read, or it does not support what the
+    /// provider is configured for (a client authentication method, say).
+    Discovery,
+    /// A local credential file (a signing key, a client certificate, an assertion or a
+    /// subject token) could not be read or used. Nothing was sent.
+    CredentialFile,
 }
 
 impl ErrorClass {
-    pub const ALL: [ErrorClass; 8] = [
+    pub const ALL: [ErrorClass; 10] = [
         ErrorClass::InvalidClient,
         ErrorClass::InvalidGrant,
         ErrorClass::Rejected,
@@ -35,6 +41,8 @@ impl ErrorClass {
         ErrorClass::Timeout,
         ErrorClass::Connect,
         ErrorClass::Malformed,
+        ErrorClass::Discovery,
+        ErrorClass::CredentialFile,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -47,13 +55,18 @@ impl ErrorClass {
             ErrorClass::Timeout => "timeout",
             ErrorClass::Connect => "connect",
             ErrorClass::Malformed => "malformed",
+            ErrorClass::Discovery => "discovery",
+            ErrorClass::CredentialFile => "credential_file",
         }
     }
 
     /// Credential or configuration problems: retrying the same request will not help,
     /// though the refresher still retries (slowly) in case an operator fixes it.
     pub fn is_credential(self) -> bool {
-        matches!(self, ErrorClass::InvalidClient | ErrorClass::InvalidGrant | ErrorClass::Rejected)
+        matches!(
+            self,
+            ErrorClass::InvalidClient | ErrorClass::InvalidGrant | ErrorClass::Rejected | ErrorClass::CredentialFile
+        )
     }
 }
 

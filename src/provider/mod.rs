@@ -82,6 +82,12 @@ pub trait TokenSource: Send + Sync {
     fn config_vars(&self) -> Option<&Vars> {
         None
     }
+
+    /// The key DPoP-bound tokens of this source are bound to (RFC 9449), which proves
+    /// possession on every proxied request.
+    fn dpop_key(&self) -> Option<Arc<crate::jose::dpop::DpopKey>> {
+        None
+    }
 }
 
 /// Build the source a provider spec describes.

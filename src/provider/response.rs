@@ -23,6 +23,11 @@ pub const MAX_BODY: usize = 256 * 1024;
 /// endpoint is reached through a proxy by CONNECT: the proxy sees the host and port,
 /// never the credentials.
 pub fn client(spec: &HttpClientSpec) -> Result<reqwest::Client, FetchError> {
+    build(builder(spec)?)
+}
+
+/// [`client`]'s settings, for a source that adds to them (a TLS client certificate).
+pub fn builder(spec: &HttpClientSpec) -> Result<reqwest::ClientBuilder, FetchError> {
     let mut b = reqwest::Client::builder()
         .timeout(spec.timeout)
         .connect_timeout(spec.connect_timeout)
@@ -49,6 +54,10 @@ pub fn client(spec: &HttpClientSpec) -> Result<reqwest::Client, FetchError> {
             b = b.add_root_certificate(cert);
         }
     }
+    Ok(b)
+}
+
+pub fn build(b: reqwest::ClientBuilder) -> Result<reqwest::Client, FetchError> {
     b.build().map_err(|e| FetchError::new(ErrorClass::Connect, format!("cannot build HTTP client: {e}")))
 }
 

@@ -53,6 +53,18 @@ pub struct ProviderSpec {
     pub fingerprint: String,
 }
 
+impl ProviderSpec {
+    /// The client certificate this provider's routes present to their upstream, if it
+    /// asks for that (`upstream_client_cert`), so that RFC 8705 certificate-bound tokens
+    /// are accepted there.
+    pub fn upstream_client_cert(&self) -> Option<&super::kinds::oauth2::ClientCertSpec> {
+        match &self.source {
+            SourceSpec::OAuth2(o) => o.client_cert.as_ref().filter(|c| c.upstream),
+            SourceSpec::Http(_) => None,
+        }
+    }
+}
+
 /// FNV-1a: a stable, dependency-free hash for fingerprints (not for security). Stored
 /// tokens are keyed by it, so it must never change.
 pub fn fnv1a(bytes: &[u8]) -> u64 {

@@ -161,6 +161,11 @@ impl ProxyHttp for TollgateProxy {
         }
         match cell.obtain(ctx.token_wait).await {
             Ok(token) => {
+                if token.dpop.is_some() {
+                    // An upstream may answer the first proof with a nonce to use (RFC 9449
+                    // section 9): keep the body so the request can be sent again with it.
+                    session.enable_retry_buffering();
+                }
                 ctx.token = Some(token);
                 Ok(false)
             }
@@ -259,6 +264,9 @@ impl ProxyHttp for TollgateProxy {
             for (k, v) in &token.upstream_headers {
                 req.insert_header(k.clone(), v.clone())?;
             }
+            if let Some(d) = &token.dpop {
+                req.insert_header(DPOP, dpop_proof(req, route, d))?;
+            }
             ctx.token = Some(token);
         }
         Ok(())
@@ -277,6 +285,42 @@ impl ProxyHttp for TollgateProxy {
         let Some(route) = ctx.route.clone() else { return Ok(()) };
         let (Some(cell), Some(token)) = (&route.cell, ctx.token.clone()) else { return Ok(()) };
         let status = resp.status.as_u16();
+        // Whether this answer carries a nonce: even one another request stored first is
+        // newer than what this request's proof used.
+        let nonce_given = token.dpop.is_some() && resp.headers.contains_key("dpop-nonce");
+        if nonce_given {
+            remember_dpop_nonce(resp, &route);
+        }
+        let challenge = if matches!(status, 401 | 403) { bearer_error(resp) } else { None };
+        if matches!(status, 401 | 403) {
+            metrics::get()
+                .upstream_challenges_total
+                .with_label_values(&[&route.spec.name, challenge_label(challenge.as_deref())])
+                .inc();
+        }
+        if status == 401 && challenge.as_deref() == Some("use_dpop_nonce") && token.dpop.is_some() {
+            // RFC 9449 section 9: not a rejection of the token; the proof lacked the
+            // server's nonce, which came with this answer. One replay with it.
+            let idempotent = session.req_header().method.is_idempotent();
+            let replay = nonce_given
+                && !ctx.auth_retried
+                && may_replay_after_rejection(
+                    status,
+                    idempotent,
+                    !session.retry_buffer_truncated(),
+                    session.is_body_done(),
+                );
+            if replay {
+                ctx.auth_retried = true;
+                ctx.auth_retry_pending = true;
+                let mut e =
+                    Error::explain(ErrorType::HTTPStatus(status), "upstream asked for a DPoP nonce; replaying with it");
+                e.set_retry(true);
+                return Err(e);
+            }
+            warn!(route = %route.spec.name, provider = %cell.name(), "upstream asked for a DPoP nonce again or without one; passing its answer through");
+            return Ok(());
+        }
         if route.spec.graphql_unauthenticated && status == 200 && is_json(resp) {
             ctx.graphql_body = Some(bytes::BytesMut::new());
         }
@@ -287,7 +331,6 @@ impl ProxyHttp for TollgateProxy {
             }
             return Ok(());
         }
-        let challenge = bearer_error(resp);
         if challenge.as_deref() == Some("insufficient_scope") {
             // RFC 6750: the token is fine, the request needs more than it grants. Renewing
             // it would change nothing; the answer passes through untouched.
@@ -540,6 +583,48 @@ fn is_json(resp: &ResponseHeader) -> bool {
     resp.headers
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().windows(4).any(|w| w.eq_ignore_ascii_case(b"json")))
+}
+
+/// RFC 9449's proof header.
+const DPOP: &str = "dpop";
+
+/// A DPoP proof for this request (RFC 9449 section 4.2): `htu` is the URI the upstream
+/// sees (its scheme, the Host sent to it, the path after rewriting), without query and
+/// fragment; the nonce is the upstream origin's latest.
+fn dpop_proof(req: &RequestHeader, route: &RouteEntry, d: &crate::token::DpopBinding) -> http::HeaderValue {
+    let authority = req.headers.get(HOST).unwrap_or(&route.spec.upstream.authority);
+    let authority = String::from_utf8_lossy(authority.as_bytes());
+    let scheme = if route.spec.upstream.tls { "https://" } else { "http://" };
+    let path = req.uri.path();
+    let mut htu = String::with_capacity(scheme.len() + authority.len() + path.len());
+    htu.push_str(scheme);
+    htu.push_str(&authority);
+    htu.push_str(path);
+    let nonce = route.dpop_nonce.load();
+    d.key.proof(req.method.as_str(), &htu, Some(&d.ath), nonce.as_deref().map(String::as_str))
+}
+
+/// Keep the upstream's `DPoP-Nonce`, which it may send on any answer (RFC 9449 section
+/// 9); later proofs to that origin carry it.
+fn remember_dpop_nonce(resp: &ResponseHeader, route: &RouteEntry) {
+    let Some(n) = resp.headers.get("dpop-nonce").and_then(|v| v.to_str().ok()) else { return };
+    if n.is_empty() || n.len() > 512 || route.dpop_nonce.load().as_deref().is_some_and(|cur| cur == n) {
+        return;
+    }
+    route.dpop_nonce.store(Some(Arc::new(n.to_string())));
+}
+
+/// The `error` label of `tollgate_upstream_challenges_total`: the codes tollgate acts on,
+/// anything else as `other` (an upstream cannot create label values).
+fn challenge_label(error: Option<&str>) -> &'static str {
+    match error {
+        None => "none",
+        Some("invalid_token") => "invalid_token",
+        Some("insufficient_scope") => "insufficient_scope",
+        Some("use_dpop_nonce") => "use_dpop_nonce",
+        Some("invalid_dpop_proof") => "invalid_dpop_proof",
+        Some(_) => "other",
+    }
 }
 
 /// Marks tollgate's own session probe (so a rejected probe does not probe again).

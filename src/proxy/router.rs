@@ -4,13 +4,14 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use arc_swap::ArcSwapOption;
 use pingora::protocols::l4::socket::SocketAddr as PeerAddr;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType};
 use tracing::warn;
 
 use super::resolve::{Attempt, Upstream};
-use crate::config::{ProxySettings, RouteSpec};
+use crate::config::{ProxySettings, RouteSpec, UpstreamSpec};
 use crate::token::TokenCell;
 
 pub struct RouteEntry {
@@ -24,6 +25,21 @@ pub struct RouteEntry {
     /// The provider's bound on invalidations after upstream rejections.
     pub reauth_min_interval: std::time::Duration,
     pub metrics: crate::metrics::RouteMetrics,
+    /// The upstream origin's latest `DPoP-Nonce` (RFC 9449 section 9), shared by the
+    /// routes to that origin. Read lock-free on the request path.
+    pub dpop_nonce: Arc<ArcSwapOption<String>>,
+}
+
+/// One nonce cell per upstream origin (scheme, host, port): nonces are the server's.
+#[derive(Default)]
+pub struct DpopNonces {
+    by_origin: std::collections::HashMap<(bool, String, u16), Arc<ArcSwapOption<String>>>,
+}
+
+impl DpopNonces {
+    pub fn for_origin(&mut self, u: &UpstreamSpec) -> Arc<ArcSwapOption<String>> {
+        Arc::clone(self.by_origin.entry((u.tls, u.host.to_ascii_lowercase(), u.port)).or_default())
+    }
 }
 
 impl RouteEntry {

@@ -849,9 +849,17 @@ impl Driver {
         generation: u64,
     ) -> Result<Arc<ActiveToken>, FetchError> {
         let headers = self.render_upstream_headers(set)?;
+        // A DPoP-bound token is presented with its own scheme and a proof of the key.
+        let dpop = match (self.source.dpop_key(), set.extras.get("token_type").map(String::as_str)) {
+            (Some(key), Some("DPoP")) => {
+                Some(crate::token::DpopBinding { key, ath: crate::jose::dpop::ath(set.access_token.expose()) })
+            }
+            _ => None,
+        };
+        let prefix = if dpop.is_some() { "DPoP " } else { self.header_prefix.as_str() };
         ActiveToken::new(
             set.access_token.expose(),
-            &self.header_prefix,
+            prefix,
             generation,
             lifetime,
             elapsed,
@@ -860,7 +868,10 @@ impl Driver {
             set.extras.clone(),
             headers,
         )
-        .map(Arc::new)
+        .map(|mut t| {
+            t.dpop = dpop;
+            Arc::new(t)
+        })
         .ok_or_else(|| FetchError::new(ErrorClass::Malformed, "token contains characters not allowed in a header"))
     }
 

@@ -38,6 +38,23 @@ pub struct ActiveToken {
     pub extras: BTreeMap<String, String>,
     /// Extra headers for the upstream (provider `upstream_headers`), pre-rendered.
     pub upstream_headers: Vec<(http::HeaderName, HeaderValue)>,
+    /// Set for a DPoP-bound token: every request then carries a fresh proof.
+    pub dpop: Option<DpopBinding>,
+}
+
+/// What a DPoP proof for a request needs of its token (RFC 9449 section 7), prepared
+/// once per token so that the request path only signs.
+pub struct DpopBinding {
+    /// The key the token is bound to (its thumbprint is the token's `cnf.jkt`).
+    pub key: std::sync::Arc<crate::jose::dpop::DpopKey>,
+    /// base64url(SHA-256(access token)): the proof's `ath`.
+    pub ath: String,
+}
+
+impl std::fmt::Debug for DpopBinding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DpopBinding").field("jkt", &self.key.thumbprint()).finish_non_exhaustive()
+    }
 }
 
 impl ActiveToken {
@@ -86,6 +103,7 @@ impl ActiveToken {
             scope,
             extras,
             upstream_headers,
+            dpop: None,
         })
     }
 

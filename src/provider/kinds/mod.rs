@@ -221,6 +221,11 @@ impl Cx {
         src.resolve().map_err(|e| SpecError::new(key, e.to_string()))
     }
 
+    /// A key or certificate file the reload watcher should watch.
+    pub fn watch(&mut self, path: &std::path::Path) {
+        self.secret_files.push(path.to_path_buf());
+    }
+
     pub fn optional_secret(&mut self, key: &str, src: &Option<SecretSource>) -> Result<Option<Secret>, SpecError> {
         src.as_ref().map(|s| self.secret(key, s)).transpose()
     }
