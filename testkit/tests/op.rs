@@ -494,6 +494,23 @@ async fn jwt_bearer_and_token_exchange_accept_trusted_subject_tokens_only() {
     let r = basic_token(&op, "sts", "s3cret", &[("grant_type", TOKEN_EXCHANGE), ("subject_token", &sa)]).await;
     assert_eq!((r.status, r.body["error"].as_str()), (400, Some("invalid_request")));
 
+    // With a DPoP proof, the exchanged token is bound to the proof's key.
+    let key = TestKey::es256("dpop");
+    let proof = key.dpop_proof("POST", &op.token_endpoint(), None, None);
+    let r = http()
+        .post(op.token_endpoint())
+        .basic_auth("sts", Some("s3cret"))
+        .header("dpop", &proof)
+        .form(&[("grant_type", TOKEN_EXCHANGE), ("subject_token", &sa), ("subject_token_type", TT_JWT)])
+        .send()
+        .await
+        .expect("reachable");
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["token_type"], "DPoP", "{body}");
+    let t = body["access_token"].as_str().expect("token");
+    assert_eq!(claims(t)["cnf"]["jkt"].as_str(), Some(key.thumbprint().as_str()));
+    assert_eq!(claims(t)["sub"], "system:serviceaccount:ns:app");
+
     let log = op.token_requests().await;
     assert_eq!(log[0].grant_type(), Some(JWT_BEARER));
     assert_eq!(log[0].subject(), Some("system:serviceaccount:ns:app"));
@@ -504,7 +521,8 @@ async fn jwt_bearer_and_token_exchange_accept_trusted_subject_tokens_only() {
     assert_eq!(log[1].audiences(), [OTHER_RESOURCE]);
     assert_eq!(log[1].0["issued_token_type"], "urn:ietf:params:oauth:token-type:access_token");
     assert_eq!(log.iter().filter(|r| r.0["error"] == "invalid_grant").count(), 8);
-    assert_eq!(log.len(), 11);
+    assert_eq!(log.len(), 12);
+    assert_eq!(log[11].issued_jkt(), Some(key.thumbprint().as_str()));
 }
 
 #[tokio::test]
