@@ -9,8 +9,11 @@
 //! double in `src/demo/`.)
 
 pub mod idp;
+pub mod keys;
+pub mod op;
 pub mod seeds;
 pub mod upstream;
+pub mod verifier;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
