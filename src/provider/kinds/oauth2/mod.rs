@@ -459,3 +459,106 @@ mod tests {
         assert!(id.contains("alice") && !id.contains("456789") && !id.contains("|pw"), "{id}");
     }
 }
+
+#[cfg(test)]
+mod modern_tests {
+    use crate::provider::kinds::test_support::{fingerprint_of, table, with};
+    use crate::provider::kinds::validate;
+    use serde_json::{json, Value};
+
+    fn base() -> Value {
+        json!({"kind": "oauth2", "issuer": "https://idp.example.com", "client_id": "c1", "client_secret": "s"})
+    }
+
+    fn error(v: Value) -> (String, String) {
+        match validate(&table(v)) {
+            Ok(_) => panic!("accepted"),
+            Err(e) => (e.key, e.reason),
+        }
+    }
+
+    fn p256_pem() -> String {
+        rcgen::KeyPair::generate().unwrap().serialize_pem()
+    }
+
+    #[test]
+    fn a_bad_combination_names_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "eyJ.x.y").unwrap();
+        let cases = [
+            (with(&base(), "token_url", json!("https://idp.example.com/token")), "issuer"),
+            (with(&base(), "issuer", json!("https://idp.example.com/?x=1")), "issuer"),
+            (
+                with(&with(&base(), "client_secret", Value::Null), "client_auth", json!("private_key_jwt")),
+                "private_key_file",
+            ),
+            (
+                with(&with(&base(), "client_secret", Value::Null), "client_auth", json!("tls_client_auth")),
+                "client_cert_file",
+            ),
+            (with(&base(), "client_auth", json!("private_key_jwt")), "client_secret"),
+            (with(&base(), "grant", json!("jwt_bearer")), "assertion_file"),
+            (with(&base(), "subject_token_file", json!(token)), "subject_token_file"),
+            (
+                with(&with(&base(), "grant", json!("token_exchange")), "subject_token_file", json!("/nonexistent/t")),
+                "subject_token_file",
+            ),
+            (with(&base(), "dpop_key_file", json!(token)), "dpop_key_file"),
+            (with(&base(), "upstream_client_cert", json!(true)), "upstream_client_cert"),
+            (with(&base(), "resource", json!(["https://api#frag"])), "resource.0"),
+            (with(&base(), "signing_alg", json!("ES256")), "signing_alg"),
+        ];
+        for (v, key) in cases {
+            let (k, reason) = error(v.clone());
+            assert_eq!(k, key, "{v}: {reason}");
+        }
+    }
+
+    #[test]
+    fn key_files_are_checked_with_their_path_and_type() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = dir.path().join("key.pem");
+        std::fs::write(&pem, p256_pem()).unwrap();
+        let pkj = with(&with(&base(), "client_secret", Value::Null), "client_auth", json!("private_key_jwt"));
+        // A P-256 key works (ES256), and with an RSA algorithm it does not.
+        assert!(validate(&table(with(&pkj, "private_key_file", json!(pem)))).is_ok());
+        let (k, reason) = error(with(&with(&pkj, "private_key_file", json!(pem)), "signing_alg", json!("RS256")));
+        assert_eq!(k, "private_key_file");
+        assert!(reason.contains("RS256"), "{reason}");
+        // A missing file: the key and the path.
+        let missing = dir.path().join("missing.pem");
+        let (k, reason) = error(with(&pkj, "private_key_file", json!(missing)));
+        assert_eq!(k, "private_key_file");
+        assert!(reason.contains(&missing.display().to_string()), "{reason}");
+        // Not a key at all.
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not a key").unwrap();
+        assert_eq!(error(with(&pkj, "private_key_file", json!(junk))).0, "private_key_file");
+        // DPoP takes P-256 keys only; an Ed25519 key is refused.
+        let ed = dir.path().join("ed.pem");
+        std::fs::write(&ed, rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap().serialize_pem()).unwrap();
+        let dpop = with(&base(), "dpop", json!(true));
+        assert_eq!(error(with(&dpop, "dpop_key_file", json!(ed))).0, "dpop_key_file");
+        assert!(validate(&table(with(&dpop, "dpop_key_file", json!(pem)))).is_ok());
+    }
+
+    #[test]
+    fn what_the_token_is_for_and_bound_to_is_part_of_the_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.pem"), dir.path().join("b.pem"));
+        std::fs::write(&a, p256_pem()).unwrap();
+        std::fs::write(&b, p256_pem()).unwrap();
+        let id = fingerprint_of(base());
+        assert_ne!(fingerprint_of(with(&base(), "resource", json!("https://api.example.com"))), id);
+        let token_url = with(&with(&base(), "issuer", Value::Null), "token_url", json!("https://idp.example.com"));
+        assert_ne!(fingerprint_of(token_url), id);
+        let dpop = with(&base(), "dpop", json!(true));
+        let with_a = fingerprint_of(with(&dpop, "dpop_key_file", json!(a)));
+        assert_ne!(with_a, id);
+        assert_eq!(fingerprint_of(with(&dpop, "dpop_key_file", json!(a))), with_a, "stable across loads");
+        assert_ne!(fingerprint_of(with(&dpop, "dpop_key_file", json!(b))), with_a, "another key: another identity");
+        // How the client authenticates is not who it is.
+        assert_eq!(fingerprint_of(with(&base(), "client_auth", json!("client_secret_jwt"))), id);
+    }
+}
