@@ -59,9 +59,7 @@ impl DpopKey {
         // An uncompressed point of a valid key always has both coordinates.
         let coord = |c: Option<&p256::FieldBytes>| c.map(|c| URL_SAFE_NO_PAD.encode(c)).unwrap_or_default();
         let (x, y) = (coord(point.x()), coord(point.y()));
-        // RFC 7638 §3: the required members only, in lexicographic order, no whitespace.
-        let canonical = format!(r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#);
-        let thumbprint = URL_SAFE_NO_PAD.encode(Sha256::digest(canonical.as_bytes()));
+        let thumbprint = jwk_thumbprint(&[("crv", "P-256"), ("kty", "EC"), ("x", &x), ("y", &y)]);
         let header =
             format!(r#"{{"typ":"dpop+jwt","alg":"ES256","jwk":{{"kty":"EC","crv":"P-256","x":"{x}","y":"{y}"}}}}"#);
         let mut header_b64 = URL_SAFE_NO_PAD.encode(header.as_bytes());
@@ -127,6 +125,23 @@ impl DpopKey {
 /// sent with (RFC 9449 §4.2). Computed once per token, not per request.
 pub fn ath(access_token: &str) -> String {
     URL_SAFE_NO_PAD.encode(Sha256::digest(access_token.as_bytes()))
+}
+
+/// RFC 7638 §3 thumbprint (SHA-256, base64url) of a public JWK given as its required
+/// members, already in lexicographic order: the canonical JSON is those members and
+/// nothing else, no whitespace.
+fn jwk_thumbprint(members: &[(&str, &str)]) -> String {
+    let mut canonical = String::from("{");
+    for (i, (name, value)) in members.iter().enumerate() {
+        if i > 0 {
+            canonical.push(',');
+        }
+        push_json_string(&mut canonical, name);
+        canonical.push(':');
+        push_json_string(&mut canonical, value);
+    }
+    canonical.push('}');
+    URL_SAFE_NO_PAD.encode(Sha256::digest(canonical.as_bytes()))
 }
 
 /// Appends `s` as a JSON string literal (RFC 8259 §7): quotes, backslashes and control
