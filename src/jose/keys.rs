@@ -419,13 +419,20 @@ fn parse_jwk_file(bytes: &[u8], want_kid: Option<&str>) -> Result<LoadedKey, Str
         let total = keys.len();
         let mut private: Vec<&mut Map<String, Value>> =
             keys.iter_mut().filter_map(Value::as_object_mut).filter(|k| k.contains_key("d")).collect();
-        if private.len() > 1 {
+        let all_private = private.len();
+        if all_private > 1 {
             if let Some(kid) = want_kid {
                 private.retain(|k| k.get("kid").and_then(Value::as_str) == Some(kid));
             }
         }
         match private.len() {
             1 => private.pop().ok_or_else(|| "unreachable".to_owned())?,
+            0 if all_private > 0 => {
+                return Err(format!(
+                    "holds a JWK Set with {all_private} private keys, none with kid {}",
+                    printable(want_kid.unwrap_or_default())
+                ))
+            }
             0 if total == 0 => return Err("holds an empty JWK Set".to_owned()),
             0 => {
                 return Err(format!(
@@ -434,8 +441,7 @@ fn parse_jwk_file(bytes: &[u8], want_kid: Option<&str>) -> Result<LoadedKey, Str
             }
             n => {
                 return Err(format!(
-                    "holds a JWK Set with {n} private keys{}; keep exactly one, or set kid to choose",
-                    if want_kid.is_some() { " matching the kid" } else { "" }
+                    "holds a JWK Set with {n} private keys; keep exactly one, or set kid to choose"
                 ))
             }
         }
@@ -538,4 +544,270 @@ fn parse_jwk(jwk: &mut Map<String, Value>) -> Result<LoadedKey, String> {
         (other, _) => FileKey::Unsupported(format!("a JWK of kty {}", printable(other))),
     };
     Ok(LoadedKey { key, kid, jwk_alg })
+}
+
+#[cfg(test)]
+mod tests {
+    use p256::elliptic_curve::sec1::ToEncodedPoint;
+    use rsa::pkcs8::EncodePrivateKey as _;
+    use rsa::traits::PrivateKeyParts;
+
+    use super::*;
+    use crate::jose::test_support::*;
+
+    fn p256_pem() -> String {
+        rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("P-256 key").serialize_pem()
+    }
+
+    fn ed25519_pem() -> String {
+        rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("Ed25519 key").serialize_pem()
+    }
+
+    fn rsa_pkcs1_pem(key: &rsa::RsaPrivateKey) -> String {
+        pem("RSA PRIVATE KEY", key.to_pkcs1_der().expect("PKCS#1").as_bytes())
+    }
+
+    fn rsa_jwk(key: &rsa::RsaPrivateKey) -> serde_json::Value {
+        let primes = key.primes();
+        serde_json::json!({
+            "kty": "RSA",
+            "n": b64u(&key.n().to_bytes_be()),
+            "e": b64u(&key.e().to_bytes_be()),
+            "d": b64u(&key.d().to_bytes_be()),
+            "p": b64u(&primes[0].to_bytes_be()),
+            "q": b64u(&primes[1].to_bytes_be()),
+        })
+    }
+
+    fn p256_jwk(key: &p256::SecretKey) -> serde_json::Value {
+        let point = key.public_key().to_encoded_point(false);
+        serde_json::json!({
+            "kty": "EC", "crv": "P-256",
+            "x": b64u(point.x().expect("x")), "y": b64u(point.y().expect("y")),
+            "d": b64u(&key.to_bytes()),
+        })
+    }
+
+    fn load(path: &Path) -> Result<SigningKey, KeyError> {
+        SigningKey::load(path, None, None)
+    }
+
+    fn err_text(result: Result<SigningKey, KeyError>) -> String {
+        match result {
+            Ok(k) => panic!("loaded {k:?}, expected an error"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn alg_names_round_trip() {
+        for alg in [SigningAlg::Rs256, SigningAlg::Ps256, SigningAlg::Es256, SigningAlg::EdDsa] {
+            assert_eq!(SigningAlg::parse(alg.as_str()), Some(alg));
+        }
+        assert_eq!(SigningAlg::parse("HS256"), None);
+        assert_eq!(SigningAlg::parse("es256"), None, "JOSE alg names are case-sensitive");
+    }
+
+    #[test]
+    fn pem_keys_of_each_type_load_with_the_inferred_alg() {
+        let dir = Dir::new();
+        let ec = load(&dir.write("ec.pem", p256_pem())).expect("PKCS#8 P-256");
+        assert_eq!((ec.alg(), ec.kid()), (SigningAlg::Es256, None));
+        let ed = load(&dir.write("ed.pem", ed25519_pem())).expect("PKCS#8 Ed25519");
+        assert_eq!(ed.alg(), SigningAlg::EdDsa);
+
+        let rsa_key = rsa_2048();
+        let pkcs1 = dir.write("rsa1.pem", rsa_pkcs1_pem(rsa_key));
+        assert_eq!(load(&pkcs1).expect("PKCS#1 RSA").alg(), SigningAlg::Rs256);
+        let ps = SigningKey::load(&pkcs1, Some(SigningAlg::Ps256), Some("rsa-kid")).expect("RSA as PS256");
+        assert_eq!((ps.alg(), ps.kid()), (SigningAlg::Ps256, Some("rsa-kid")));
+        let pkcs8 = pem("PRIVATE KEY", rsa_key.to_pkcs8_der().expect("PKCS#8").as_bytes());
+        assert_eq!(load(&dir.write("rsa8.pem", pkcs8)).expect("PKCS#8 RSA").alg(), SigningAlg::Rs256);
+
+        // SEC1, alone and after the "EC PARAMETERS" block `openssl ecparam -genkey` writes.
+        let secret = p256::SecretKey::random(&mut rand::rngs::OsRng);
+        let sec1 = pem("EC PRIVATE KEY", secret.to_sec1_der().expect("SEC1").as_slice());
+        assert_eq!(load(&dir.write("sec1.pem", &sec1)).expect("SEC1 P-256").alg(), SigningAlg::Es256);
+        let params = pem("EC PARAMETERS", &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07]);
+        let both = format!("{params}{}", sec1.replace('\n', "\r\n"));
+        assert_eq!(load(&dir.write("ecparam.pem", both)).expect("params + SEC1, CRLF").alg(), SigningAlg::Es256);
+    }
+
+    #[test]
+    fn jwk_files_load_with_their_kid_and_alg() {
+        let dir = Dir::new();
+        let mut rsa = rsa_jwk(rsa_2048());
+        rsa["kid"] = "rsa-1".into();
+        rsa["alg"] = "PS256".into();
+        let key = load(&dir.write("rsa.jwk", rsa.to_string())).expect("RSA JWK");
+        assert_eq!((key.alg(), key.kid()), (SigningAlg::Ps256, Some("rsa-1")));
+
+        // Without p and q the primes are recovered from n, e, d.
+        let mut bare = rsa_jwk(rsa_2048());
+        bare.as_object_mut().map(|o| (o.remove("p"), o.remove("q")));
+        assert_eq!(
+            load(&dir.write("bare.jwk", bare.to_string())).expect("RSA JWK without primes").alg(),
+            SigningAlg::Rs256
+        );
+
+        let ec = p256_jwk(&p256::SecretKey::random(&mut rand::rngs::OsRng));
+        let key = SigningKey::load(&dir.write("ec.jwk", ec.to_string()), None, Some("from-config")).expect("EC JWK");
+        assert_eq!((key.alg(), key.kid()), (SigningAlg::Es256, Some("from-config")));
+
+        let ed = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]);
+        let okp = serde_json::json!({"kty": "OKP", "crv": "Ed25519", "kid": "ed",
+            "x": b64u(ed.verifying_key().as_bytes()), "d": b64u(&ed.to_bytes())});
+        let key = load(&dir.write("ed.jwk", okp.to_string())).expect("OKP JWK");
+        assert_eq!((key.alg(), key.kid()), (SigningAlg::EdDsa, Some("ed")));
+
+        // A JWK Set: public keys are skipped, the one private key is used.
+        let mut public = ec.clone();
+        public.as_object_mut().map(|o| o.remove("d"));
+        let mut private = ec.clone();
+        private["kid"] = "the-one".into();
+        let set = serde_json::json!({ "keys": [public, private] });
+        let key = load(&dir.write("set.jwks", set.to_string())).expect("JWK Set with one private key");
+        assert_eq!(key.kid(), Some("the-one"));
+    }
+
+    #[test]
+    fn a_jwk_set_with_two_private_keys_needs_a_kid() {
+        let dir = Dir::new();
+        let mut a = p256_jwk(&p256::SecretKey::random(&mut rand::rngs::OsRng));
+        a["kid"] = "a".into();
+        let mut b = p256_jwk(&p256::SecretKey::random(&mut rand::rngs::OsRng));
+        b["kid"] = "b".into();
+        let path = dir.write("two.jwks", serde_json::json!({ "keys": [a, b] }).to_string());
+        let text = err_text(load(&path));
+        assert!(text.contains("2 private keys") && text.contains("kid"), "{text}");
+        assert_eq!(SigningKey::load(&path, None, Some("b")).expect("chosen by kid").kid(), Some("b"));
+        let text = err_text(SigningKey::load(&path, None, Some("c")));
+        assert!(text.contains("2 private keys, none with kid \"c\""), "{text}");
+    }
+
+    #[test]
+    fn the_alg_must_fit_the_key() {
+        let dir = Dir::new();
+        let ec = dir.write("ec.pem", p256_pem());
+        let err = SigningKey::load(&ec, Some(SigningAlg::Rs256), None).expect_err("P-256 cannot sign RS256");
+        assert!(matches!(err, KeyError::AlgMismatch { alg: "RS256", fits: "ES256", .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(
+            text.contains("RS256") && text.contains("EC P-256 key") && text.contains(&*ec.to_string_lossy()),
+            "{text}"
+        );
+
+        let ed = dir.write("ed.pem", ed25519_pem());
+        assert!(matches!(SigningKey::load(&ed, Some(SigningAlg::Es256), None), Err(KeyError::AlgMismatch { .. })));
+        let rsa = dir.write("rsa.pem", rsa_pkcs1_pem(rsa_2048()));
+        assert!(matches!(SigningKey::load(&rsa, Some(SigningAlg::EdDsa), None), Err(KeyError::AlgMismatch { .. })));
+
+        let mut jwk = rsa_jwk(rsa_2048());
+        jwk["alg"] = "RS256".into();
+        let path = dir.write("rsa.jwk", jwk.to_string());
+        let text = err_text(SigningKey::load(&path, Some(SigningAlg::Ps256), None));
+        assert!(text.contains("PS256 is configured but the JWK says RS256"), "{text}");
+        jwk["alg"] = "RS512".into();
+        let text = err_text(load(&dir.write("rs512.jwk", jwk.to_string())));
+        assert!(text.contains("\"RS512\" is not one of"), "{text}");
+    }
+
+    #[test]
+    fn a_missing_file_names_the_path() {
+        let dir = Dir::new();
+        let path = dir.path("nowhere/key.pem");
+        let err = load(&path).expect_err("missing file");
+        assert!(matches!(err, KeyError::Read { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(text.contains(&*path.to_string_lossy()) && text.contains("cannot read key file"), "{text}");
+    }
+
+    #[test]
+    fn wrong_files_say_what_they_hold() {
+        let dir = Dir::new();
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("certificate");
+        let cases: Vec<(&str, String, &str)> = vec![
+            ("cert.pem", cert.cert.pem(), "holds an X.509 certificate, not a private key"),
+            ("pub.pem", cert.signing_key.public_key_pem(), "holds a public key, not a private key"),
+            ("garbage", "hello, this is not a key\n".to_owned(), "neither a PEM private key nor a JWK"),
+            ("empty", "\n".to_owned(), "the file is empty"),
+            ("der", "\u{30}\u{82}\u{01}".to_owned(), "binary DER"),
+            ("bad-b64.pem", "-----BEGIN PRIVATE KEY-----\n%%%%\n-----END PRIVATE KEY-----\n".to_owned(), "not base64"),
+            ("bad-der.pem", pem("PRIVATE KEY", b"not der at all"), "not valid PKCS#8"),
+            ("cut.pem", "-----BEGIN PRIVATE KEY-----\nMIGH\n".to_owned(), "has no END line"),
+            ("enc.pem", pem("ENCRYPTED PRIVATE KEY", b"x"), "passphrase-protected"),
+            (
+                "legacy-enc.pem",
+                "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,00\n\nAAAA\n-----END RSA PRIVATE KEY-----\n"
+                    .to_owned(),
+                "passphrase-protected",
+            ),
+            ("ssh", pem("OPENSSH PRIVATE KEY", b"openssh-key-v1"), "OpenSSH private key"),
+            ("two.pem", format!("{}{}", p256_pem(), p256_pem()), "holds 2 private keys"),
+            (
+                "p384.pem",
+                rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).expect("P-384").serialize_pem(),
+                "holds an EC P-384 key; private_key_jwt signs with an RSA, EC P-256 or Ed25519 key",
+            ),
+            ("json", "{\"hello\": 1}".to_owned(), "without \"kty\""),
+            ("broken.json", "{\"kty\": ".to_owned(), "does not parse (line 1"),
+            ("oct.jwk", r#"{"kty":"oct","k":"c2VjcmV0"}"#.to_owned(), "symmetric"),
+            ("public.jwk", r#"{"kty":"EC","crv":"P-256","x":"AA","y":"AA"}"#.to_owned(), "public \"EC\" JWK"),
+            ("p384.jwk", r#"{"kty":"EC","crv":"P-384","d":"AA"}"#.to_owned(), "EC \"P-384\" key (JWK)"),
+            ("enc.jwk", r#"{"kty":"EC","crv":"P-256","use":"enc","d":"AA"}"#.to_owned(), "not a signing key"),
+            ("publics.jwks", r#"{"keys":[{"kty":"EC","crv":"P-256","x":"AA","y":"AA"}]}"#.to_owned(), "no private key"),
+        ];
+        for (name, contents, expected) in cases {
+            let path = dir.write(name, contents);
+            let text = err_text(load(&path));
+            assert!(text.contains(expected), "{name}: {text:?} lacks {expected:?}");
+            assert!(text.contains(&*path.to_string_lossy()), "{name}: {text:?} lacks the path");
+        }
+    }
+
+    #[test]
+    fn small_rsa_keys_are_refused() {
+        let dir = Dir::new();
+        let small = rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 1024).expect("1024-bit key");
+        let text = err_text(load(&dir.write("small.pem", rsa_pkcs1_pem(&small))));
+        assert!(text.contains("RSA key (1024 bits)") && text.contains("at least 2048"), "{text}");
+    }
+
+    #[test]
+    fn errors_and_debug_carry_no_key_material() {
+        let dir = Dir::new();
+        let ec_pem = p256_pem();
+        let ec = dir.write("ec.pem", &ec_pem);
+        let ok = load(&ec).expect("P-256");
+        let mismatch = SigningKey::load(&ec, Some(SigningAlg::Ps256), None).expect_err("mismatch");
+        for text in [format!("{ok:?}"), format!("{mismatch:?}"), mismatch.to_string()] {
+            assert_no_material(&text, &pem_body(&ec_pem));
+        }
+
+        let secret = p256::SecretKey::random(&mut rand::rngs::OsRng);
+        let mut jwk = p256_jwk(&secret);
+        let d = jwk["d"].as_str().expect("d").to_owned();
+        let hex: String = secret.to_bytes().iter().map(|b| format!("{b:02x}")).collect();
+        jwk["x"] = jwk["y"].clone(); // x no longer matches d
+        let bad_x = load(&dir.write("bad-x.jwk", jwk.to_string())).expect_err("x/y do not match");
+        jwk["d"] = serde_json::Value::from(format!("{d}!!")); // not base64url
+        let bad_d = load(&dir.write("bad-d.jwk", jwk.to_string())).expect_err("bad d");
+        jwk["d"] = serde_json::json!({ "nested": d }); // not a string: serde_json would quote it
+        let nested = load(&dir.write("nested.jwk", jwk.to_string())).expect_err("d not a string");
+        let mut broken = p256_jwk(&secret).to_string();
+        broken.truncate(broken.len() - 2);
+        let syntax = load(&dir.write("broken.jwk", &broken)).expect_err("truncated JSON");
+        for err in [bad_x, bad_d, nested, syntax] {
+            for text in [format!("{err:?}"), err.to_string()] {
+                assert_no_material(&text, &d);
+                assert_no_material(&text, &hex);
+            }
+        }
+
+        let rsa_pem = rsa_pkcs1_pem(rsa_2048());
+        let rsa = load(&dir.write("rsa.pem", &rsa_pem)).expect("RSA");
+        assert_eq!(format!("{rsa:?}"), "SigningKey { alg: Rs256, kid: None, .. }");
+        let text = err_text(SigningKey::load(&dir.write("rsa2.pem", &rsa_pem), Some(SigningAlg::Es256), None));
+        assert_no_material(&text, &pem_body(&rsa_pem));
+    }
 }

@@ -13,6 +13,8 @@
 pub mod assertion;
 pub mod dpop;
 pub mod keys;
+#[cfg(test)]
+mod test_support;
 
 use std::path::PathBuf;
 
