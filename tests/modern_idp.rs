@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use support::{client, Tollgate};
-use tollgate_testkit::keys::{TestCa, TestKey};
+use tollgate_testkit::keys::{TestCa, TestCert, TestKey};
 use tollgate_testkit::op::{client as op_client, Op, OpConfig, OpTls, TokenRequest, TrustedIssuer, DEFAULT_RESOURCE};
 use tollgate_testkit::verifier::{Verifier, VerifierConfig};
 
@@ -109,12 +109,16 @@ async fn every_client_authentication_obtains_and_renews_tokens_from_the_issuer_a
     pkjwt["jwks"] = key.jwks();
     let mut tls = op_client("tls", "tls_client_auth");
     tls["tls_client_auth_subject_dn"] = json!(workload.subject_dn);
+    let selfsigned = TestCert::self_signed_client("self-1");
+    let mut ss = op_client("selfsigned", "self_signed_tls_client_auth");
+    ss["jwks"] = json!({"keys": [selfsigned.jwk()]});
     let cfg = OpConfig { access_token_ttl: 3, tls: Some(OpTls::issued_by(&ca)), ..OpConfig::default() }
         .with_client(secret_client("basic", "client_secret_basic"))
         .with_client(secret_client("post", "client_secret_post"))
         .with_client(secret_client("sjwt", "client_secret_jwt"))
         .with_client(pkjwt)
-        .with_client(tls);
+        .with_client(tls)
+        .with_client(ss);
     let op = Op::start(cfg).await;
     let v = Verifier::start(VerifierConfig::new(op.issuer(), DEFAULT_RESOURCE)).await;
     let iss = op.issuer();
@@ -122,6 +126,8 @@ async fn every_client_authentication_obtains_and_renews_tokens_from_the_issuer_a
     let key_file = write(dir.path(), "client-key.pem", key.private_pem());
     let cert_file = write(dir.path(), "client.crt", &workload.cert_pem);
     let cert_key = write(dir.path(), "client.key", &workload.key_pem);
+    let ss_cert = write(dir.path(), "self.crt", &selfsigned.cert_pem);
+    let ss_key = write(dir.path(), "self.key", &selfsigned.key_pem);
     let secret = format!("client_secret = \"{SECRET}\"");
     let body = [
         provider("basic", iss, &format!("client_id = \"basic\"\n{secret}\nclient_auth = \"client_secret_basic\"")),
@@ -139,14 +145,23 @@ async fn every_client_authentication_obtains_and_renews_tokens_from_the_issuer_a
                 "client_id = \"tls\"\nclient_auth = \"tls_client_auth\"\nclient_cert_file = \"{cert_file}\"\nclient_key_file = \"{cert_key}\"\nca_file = \"{ca_file}\""
             ),
         ),
+        provider(
+            "selfsigned",
+            iss,
+            &format!(
+                "client_id = \"selfsigned\"\nclient_auth = \"self_signed_tls_client_auth\"\nclient_cert_file = \"{ss_cert}\"\nclient_key_file = \"{ss_key}\"\nca_file = \"{ca_file}\""
+            ),
+        ),
     ]
     .join("\n");
-    let routes: String = ["basic", "post", "sjwt", "pkjwt", "tls"].iter().map(|n| route(n, &v.url(), n)).collect();
+    let routes: String =
+        ["basic", "post", "sjwt", "pkjwt", "tls", "selfsigned"].iter().map(|n| route(n, &v.url(), n)).collect();
     let tg = Tollgate::start(&config(&format!("{body}\n{routes}")));
     tg.wait_ready().await;
 
     // 7 s of traffic with 3 s tokens: every provider renews at least once.
-    let (ok, bad, firsts) = traffic(&tg, &["/basic", "/post", "/sjwt", "/pkjwt", "/tls"], Duration::from_secs(7)).await;
+    let (ok, bad, firsts) =
+        traffic(&tg, &["/basic", "/post", "/sjwt", "/pkjwt", "/tls", "/selfsigned"], Duration::from_secs(7)).await;
     assert_eq!(bad, 0, "failed requests: {firsts:?}\nlogs:\n{}", tg.logs());
     assert!(ok > 100, "only {ok} requests went through");
     assert!(v.refused().is_empty(), "the verifier refused: {:?}", v.refused());
@@ -159,6 +174,7 @@ async fn every_client_authentication_obtains_and_renews_tokens_from_the_issuer_a
         ("sjwt", "client_secret_jwt"),
         ("pkjwt", "private_key_jwt"),
         ("tls", "tls_client_auth"),
+        ("selfsigned", "self_signed_tls_client_auth"),
     ] {
         let mine = of_client(&log, id);
         let good: Vec<_> = mine.iter().filter(|r| r.ok()).collect();
@@ -185,6 +201,9 @@ async fn every_client_authentication_obtains_and_renews_tokens_from_the_issuer_a
     for r in of_client(&log, "pkjwt") {
         assert_eq!(r.0["client_assertion"]["header"]["kid"], "k1");
         assert_eq!(r.0["client_assertion"]["header"]["alg"], "ES256");
+    }
+    for r in of_client(&log, "selfsigned") {
+        assert_eq!(r.0["listener"], "mtls");
     }
     for r in of_client(&log, "tls") {
         assert_eq!(r.0["listener"], "mtls", "discovery's mtls_endpoint_aliases is used with a client certificate");
