@@ -538,3 +538,71 @@ async fn a_refused_exchange_or_an_unusable_assertion_is_a_503_and_nothing_reache
         "the subject token was logged"
     );
 }
+
+async fn discovery_op() -> (Op, Verifier) {
+    let cfg = OpConfig {
+        client_auth_methods: Some(vec!["client_secret_basic".into(), "client_secret_post".into()]),
+        ..OpConfig::default()
+    }
+    .with_client(secret_client("app", "client_secret_basic"));
+    let op = Op::start(cfg).await;
+    let v = Verifier::start(VerifierConfig::new(op.issuer(), DEFAULT_RESOURCE)).await;
+    (op, v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_auth_method_the_issuer_does_not_advertise_is_refused_before_anything_is_sent() {
+    let (op, v) = discovery_op().await;
+    let body = provider(
+        "app",
+        op.issuer(),
+        &format!("client_id = \"app\"\nclient_secret = \"{SECRET}\"\nclient_auth = \"client_secret_jwt\""),
+    );
+    let text = config(&format!("{body}\n{}", route("app", &v.url(), "app"))).replacen(
+        "[proxy]\n",
+        "[proxy]\ntoken_wait = \"2s\"\n",
+        1,
+    );
+    let tg = Tollgate::start(&text);
+    tg.wait_healthy().await;
+    let r = client().get(tg.url("/app/x")).send().await.expect("request");
+    assert_eq!(r.status(), 503);
+    let b: Value = r.json().await.expect("JSON");
+    assert_eq!(b["reason"], "discovery", "{b}");
+    assert!(op.token_requests().await.is_empty(), "nothing was sent to the token endpoint");
+    assert!(v.seen().is_empty());
+    assert!(
+        tg.logs().contains("the IdP does not support `client_auth = \"client_secret_jwt\"` (it advertises: client_secret_basic, client_secret_post)"),
+        "the reason is logged: {}",
+        tg.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_is_read_again_after_the_token_endpoint_fails() {
+    let (op, v) = discovery_op().await;
+    let body = provider(
+        "app",
+        op.issuer(),
+        &format!("client_id = \"app\"\nclient_secret = \"{SECRET}\"\nclient_auth = \"client_secret_basic\""),
+    );
+    let tg = Tollgate::start(&config(&format!("{body}\n{}", route("app", &v.url(), "app"))));
+    tg.wait_ready().await;
+    let reads = || tg.logs().matches("discovery metadata read").count();
+    assert_eq!(reads(), 1, "read once at start");
+    let refresh = || {
+        let url = tg.admin_url("/admin/providers/app/refresh");
+        async move { client().post(url).send().await.expect("refresh").status().as_u16() }
+    };
+    // A successful request keeps the metadata.
+    assert_eq!(refresh().await, 200);
+    assert_eq!(reads(), 1);
+    // The token endpoint fails: the metadata is read again before the next request.
+    op.fail(503, 1).await;
+    assert_ne!(refresh().await, 200, "the injected 503 fails the forced refresh");
+    assert_eq!(refresh().await, 200);
+    assert_eq!(reads(), 2, "{}", tg.logs());
+    let log = op.token_requests().await;
+    let n = log.len();
+    assert!(n >= 4 && log[n - 2].injected() && log[n - 1].ok(), "{log:?}");
+}
