@@ -17,7 +17,7 @@ use tracing::warn;
 use crate::config::{RouteSpec, Settings, StoreSettings};
 use crate::provider::ProviderSpec;
 use crate::provider::TokenSource;
-use crate::proxy::router::{RouteEntry, Router};
+use crate::proxy::router::{DpopNonces, RouteEntry, Router};
 use crate::store::TokenStore;
 use crate::token::driver::{Channels, Command, Driver, Reconfig};
 use crate::token::TokenCell;
@@ -192,7 +192,8 @@ impl Gateway {
         };
         let removed: Vec<String> =
             old.providers.keys().filter(|n| !plan.settings.providers.iter().any(|p| &p.name == *n)).cloned().collect();
-        let next = plan.commit_replacing(&old.providers, &self.handle, &self.store);
+        let next =
+            plan.commit_replacing(&old.providers, DpopNonces::carried_over(&old.router), &self.handle, &self.store);
         self.active.store(Arc::new(next));
         for name in removed {
             crate::metrics::get().forget_provider(&name);
@@ -284,13 +285,16 @@ fn source_for(spec: &ProviderSpec) -> Result<Arc<dyn TokenSource>, BuildError> {
 
 impl Plan {
     fn commit(self, handle: &Handle, store: &Arc<dyn TokenStore>) -> Active {
-        self.commit_replacing(&BTreeMap::new(), handle, store)
+        self.commit_replacing(&BTreeMap::new(), DpopNonces::default(), handle, store)
     }
 
     /// Start what is new, update what is kept, retire what is gone; then the new view.
+    /// `nonces`: the running router's DPoP nonces, so that a reload costs no extra
+    /// nonce challenge per upstream origin.
     fn commit_replacing(
         self,
         previous: &BTreeMap<String, Arc<ProviderHandle>>,
+        mut nonces: DpopNonces,
         handle: &Handle,
         store: &Arc<dyn TokenStore>,
     ) -> Active {
@@ -329,7 +333,6 @@ impl Plan {
         // Each route's upstream addresses, followed in the background (never failing).
         let upstreams = crate::proxy::resolve::upstreams_for(&settings, handle);
         let mut entries = Vec::new();
-        let mut nonces = crate::proxy::router::DpopNonces::default();
         for ((r, peer), upstream) in settings.routes.iter().zip(self.peers).zip(upstreams) {
             let cell = r.provider.as_ref().and_then(|p| providers.get(p)).map(|h| Arc::clone(&h.cell));
             let reauth_min_interval = r
@@ -405,8 +408,13 @@ fn peer_for(r: &RouteSpec, settings: &Settings) -> Result<HttpPeer, BuildError> 
         peer.options.ca = Some(Arc::new(certs.into_boxed_slice()));
     }
     let cert = r.provider.as_ref().and_then(|p| settings.provider(p)).and_then(ProviderSpec::upstream_client_cert);
-    if let (Some(c), true) = (cert, u.tls) {
-        peer.client_cert_key = Some(Arc::new(upstream_client_cert(&r.name, c)?));
+    match (cert, u.tls) {
+        (Some(c), true) => peer.client_cert_key = Some(Arc::new(upstream_client_cert(&r.name, c)?)),
+        (Some(_), false) => warn!(
+            route = %r.name,
+            "upstream_client_cert is set but the upstream is plain http: no certificate can be presented, and certificate-bound tokens will be refused there"
+        ),
+        (None, _) => {}
     }
     Ok(peer)
 }

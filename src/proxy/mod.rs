@@ -287,10 +287,7 @@ impl ProxyHttp for TollgateProxy {
         let status = resp.status.as_u16();
         // Whether this answer carries a nonce: even one another request stored first is
         // newer than what this request's proof used.
-        let nonce_given = token.dpop.is_some() && resp.headers.contains_key("dpop-nonce");
-        if nonce_given {
-            remember_dpop_nonce(resp, &route);
-        }
+        let nonce_given = token.dpop.is_some() && remember_dpop_nonce(resp, &route);
         let challenge = if matches!(status, 401 | 403) { bearer_error(resp) } else { None };
         if matches!(status, 401 | 403) {
             metrics::get()
@@ -329,6 +326,13 @@ impl ProxyHttp for TollgateProxy {
             if status < 400 && ctx.graphql_body.is_none() {
                 cell.accepted(token.generation);
             }
+            return Ok(());
+        }
+        if challenge.as_deref() == Some("invalid_dpop_proof") && token.dpop.is_some() {
+            // RFC 9449 section 7.1: the proof was refused, not the token (a clock apart,
+            // an `htu` the upstream sees otherwise). A new token would be refused the
+            // same way; the answer passes through and the token stays.
+            warn!(route = %route.spec.name, provider = %cell.name(), status, "upstream refused the DPoP proof (invalid_dpop_proof); passing it through, the token stays");
             return Ok(());
         }
         if challenge.as_deref() == Some("insufficient_scope") {
@@ -605,13 +609,18 @@ fn dpop_proof(req: &RequestHeader, route: &RouteEntry, d: &crate::token::DpopBin
 }
 
 /// Keep the upstream's `DPoP-Nonce`, which it may send on any answer (RFC 9449 section
-/// 9); later proofs to that origin carry it.
-fn remember_dpop_nonce(resp: &ResponseHeader, route: &RouteEntry) {
-    let Some(n) = resp.headers.get("dpop-nonce").and_then(|v| v.to_str().ok()) else { return };
-    if n.is_empty() || n.len() > 512 || route.dpop_nonce.load().as_deref().is_some_and(|cur| cur == n) {
-        return;
+/// 9); later proofs to that origin carry it. True when the answer carried a usable nonce
+/// (now the origin's current one): only then can a replay succeed.
+fn remember_dpop_nonce(resp: &ResponseHeader, route: &RouteEntry) -> bool {
+    let Some(n) = resp.headers.get("dpop-nonce").and_then(|v| v.to_str().ok()) else { return false };
+    // RFC 9449 section 8.1: a nonce is printable ASCII without spaces or quotes.
+    if n.is_empty() || n.len() > 512 || !n.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\') {
+        return false;
     }
-    route.dpop_nonce.store(Some(Arc::new(n.to_string())));
+    if !route.dpop_nonce.load().as_deref().is_some_and(|cur| cur == n) {
+        route.dpop_nonce.store(Some(Arc::new(n.to_string())));
+    }
+    true
 }
 
 /// The `error` label of `tollgate_upstream_challenges_total`: the codes tollgate acts on,

@@ -37,9 +37,22 @@ pub struct DpopNonces {
 }
 
 impl DpopNonces {
-    pub fn for_origin(&mut self, u: &UpstreamSpec) -> Arc<ArcSwapOption<String>> {
-        Arc::clone(self.by_origin.entry((u.tls, u.host.to_ascii_lowercase(), u.port)).or_default())
+    /// The cells of a running router: a reload keeps every origin's nonce.
+    pub fn carried_over(router: &Router) -> Self {
+        let mut n = DpopNonces::default();
+        for e in router.entries() {
+            n.by_origin.insert(origin(&e.spec.upstream), Arc::clone(&e.dpop_nonce));
+        }
+        n
     }
+
+    pub fn for_origin(&mut self, u: &UpstreamSpec) -> Arc<ArcSwapOption<String>> {
+        Arc::clone(self.by_origin.entry(origin(u)).or_default())
+    }
+}
+
+fn origin(u: &UpstreamSpec) -> (bool, String, u16) {
+    (u.tls, u.host.to_ascii_lowercase(), u.port)
 }
 
 impl RouteEntry {

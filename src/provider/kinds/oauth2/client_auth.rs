@@ -63,7 +63,7 @@ impl Authenticator {
     }
 
     /// The body parameters that authenticate the client. `audience` is the assertion's
-    /// `aud`: the URL the request goes to, unless `assertion_audience` says otherwise.
+    /// `aud`: the token endpoint, unless `assertion_audience` says otherwise.
     /// `file_assertion` is `client_assertion_file`'s content, read for this request.
     pub fn params(
         &self,

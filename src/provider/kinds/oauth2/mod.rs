@@ -202,6 +202,9 @@ pub struct SigningKeySpec {
 pub struct ClientCertSpec {
     pub cert: KeyFile,
     pub key: KeyFile,
+    /// base64url(SHA-256(the leaf certificate's DER)): what certificate-bound tokens
+    /// carry as `cnf.x5t#S256` (RFC 8705 section 3.1).
+    pub x5t: String,
     /// Also presented to the upstream of this provider's routes.
     pub upstream: bool,
 }
@@ -281,8 +284,8 @@ pub(super) fn validate(p: &ProviderConfig, cx: &mut Cx) -> Result<KindSpec, Spec
 /// What decides which token this provider gets: the token endpoint (or the issuer), the
 /// grant, the client, the user (or the OTP recipient), the scope, and, when set, the
 /// audience, the resources, the extra parameters, the assertion or subject-token files,
-/// and the DPoP key's thumbprint (a DPoP token is bound to the key, so a token obtained
-/// with another key is useless here). Never a secret. The optional parts are appended
+/// the DPoP key's thumbprint and the client certificate's (a bound token is useless with
+/// another key or certificate). Never a secret. The optional parts are appended
 /// only when present, so that fingerprints of configs without them are those tollgate
 /// stored before they were part of the identity.
 pub fn identity(o: &OAuth2Spec) -> String {
@@ -326,6 +329,11 @@ pub fn identity(o: &OAuth2Spec) -> String {
     }
     if let Some(d) = &o.dpop {
         id.push_str(&format!("|dpop={}", d.key.thumbprint()));
+    }
+    // Tokens may be bound to the certificate (RFC 8705 section 3): a replica with another
+    // certificate, or a rotated one, must not be served them.
+    if let Some(c) = &o.client_cert {
+        id.push_str(&format!("|x5t={}", c.x5t));
     }
     id
 }
@@ -558,6 +566,36 @@ mod modern_tests {
         assert_ne!(with_a, id);
         assert_eq!(fingerprint_of(with(&dpop, "dpop_key_file", json!(a))), with_a, "stable across loads");
         assert_ne!(fingerprint_of(with(&dpop, "dpop_key_file", json!(b))), with_a, "another key: another identity");
+        // A certificate-bound token belongs to its certificate.
+        let cert = |name: &str| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = rcgen::CertificateParams::new(vec![name.into()]).unwrap().self_signed(&key).unwrap();
+            let (c, k) = (dir.path().join(format!("{name}.crt")), dir.path().join(format!("{name}.key")));
+            std::fs::write(&c, cert.pem()).unwrap();
+            std::fs::write(&k, key.serialize_pem()).unwrap();
+            (c, k, cert.der().to_vec())
+        };
+        let (c1, k1, der1) = cert("one");
+        let (c2, k2, _) = cert("two");
+        let with_cert = |c: &std::path::Path, k: &std::path::Path| {
+            fingerprint_of(with(&with(&base(), "client_cert_file", json!(c)), "client_key_file", json!(k)))
+        };
+        assert_ne!(with_cert(&c1, &k1), id);
+        assert_ne!(with_cert(&c1, &k1), with_cert(&c2, &k2));
+        let spec =
+            match validate(&table(with(&with(&base(), "client_cert_file", json!(c1)), "client_key_file", json!(k1))))
+                .unwrap()
+                .source
+            {
+                crate::provider::SourceSpec::OAuth2(o) => o,
+                crate::provider::SourceSpec::Http(_) => unreachable!(),
+            };
+        {
+            use base64::Engine;
+            use sha2::Digest;
+            let x5t = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(&der1));
+            assert_eq!(spec.client_cert.map(|c| c.x5t), Some(x5t), "RFC 8705 x5t#S256 of the leaf's DER");
+        }
         // How the client authenticates is not who it is.
         assert_eq!(fingerprint_of(with(&base(), "client_auth", json!("client_secret_jwt"))), id);
     }

@@ -70,11 +70,13 @@ impl OAuth2Source {
 
     /// Where this request goes: `token_url`, or the discovered token endpoint (its mTLS
     /// alias when a client certificate is presented), after checking that the IdP
-    /// supports what this provider is configured to do.
-    async fn token_endpoint(&self) -> Result<url::Url, FetchError> {
+    /// supports what this provider is configured to do. Second: the token endpoint as
+    /// the IdP names it, the `aud` of client assertions (never the mTLS alias, which
+    /// IdPs do not accept as an audience).
+    async fn token_endpoint(&self) -> Result<(url::Url, url::Url), FetchError> {
         let (Some(d), Endpoint::Issuer(_)) = (&self.discovery, &self.spec.endpoint) else {
             return match &self.spec.endpoint {
-                Endpoint::Token(u) => Ok(u.clone()),
+                Endpoint::Token(u) => Ok((u.clone(), u.clone())),
                 Endpoint::Issuer(_) => Err(FetchError::new(ErrorClass::Discovery, "no discovery for the issuer")),
             };
         };
@@ -84,10 +86,11 @@ impl OAuth2Source {
             d.forget().await;
             return Err(FetchError::new(ErrorClass::Discovery, reason));
         }
-        Ok(match (&self.spec.client_cert, &m.mtls_token_endpoint) {
+        let post_to = match (&self.spec.client_cert, &m.mtls_token_endpoint) {
             (Some(_), Some(alias)) => alias.clone(),
             _ => m.token_endpoint.clone(),
-        })
+        };
+        Ok((post_to, m.token_endpoint.clone()))
     }
 
     /// The config checked against what the IdP advertises. A list the IdP leaves out
@@ -212,13 +215,13 @@ impl OAuth2Source {
     }
 
     async fn request(&self, refresh_token: Option<&Secret>, otp: Option<&Secret>) -> Result<TokenSet, FetchError> {
-        let url = self.token_endpoint().await?;
+        let (url, audience) = self.token_endpoint().await?;
         let files = self.grant_files(refresh_token.is_some()).await?;
         // One replay at most: the IdP's answer to a proof without its nonce (RFC 9449
         // section 8) carries the nonce to use.
         for attempt in 0..2 {
             // A fresh assertion for every request: IdPs refuse a `jti` they saw before.
-            let client = self.auth.params(&self.spec, url.as_str(), files.client_assertion.as_ref())?;
+            let client = self.auth.params(&self.spec, audience.as_str(), files.client_assertion.as_ref())?;
             let params = self.params(refresh_token, otp, &files, &client);
             let resp = self.send(&url, &params).await;
             let resp = match resp {

@@ -323,7 +323,19 @@ fn client_cert(p: &ProviderConfig, auth: ClientAuth, cx: &mut Cx) -> Result<Opti
     let (cert_file, cert_pem) = key_file("client_cert_file", cert, cx)?;
     let (key_file_, key_pem) = key_file("client_key_file", key, cx)?;
     identity_pem(&cert_pem, &key_pem).map_err(|reason| SpecError::new("client_cert_file", reason))?;
-    Ok(Some(ClientCertSpec { cert: cert_file, key: key_file_, upstream: p.upstream_client_cert.unwrap_or(false) }))
+    let x5t =
+        leaf_thumbprint(&cert_pem).ok_or_else(|| SpecError::new("client_cert_file", "holds no PEM certificate"))?;
+    Ok(Some(ClientCertSpec { cert: cert_file, key: key_file_, x5t, upstream: p.upstream_client_cert.unwrap_or(false) }))
+}
+
+/// RFC 8705 section 3.1's `x5t#S256` of the first certificate in a PEM chain.
+fn leaf_thumbprint(pem: &[u8]) -> Option<String> {
+    use base64::Engine;
+    let text = std::str::from_utf8(pem).ok()?;
+    let body = text.split("-----BEGIN CERTIFICATE-----").nth(1)?.split("-----END CERTIFICATE-----").next()?;
+    let b64: String = body.chars().filter(|c| !c.is_whitespace()).collect();
+    let der = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+    Some(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(Sha256::digest(der)))
 }
 
 /// The client certificate as reqwest takes it: the chain, then the key, in one PEM.
