@@ -617,7 +617,7 @@ fn remember_dpop_nonce(resp: &ResponseHeader, route: &RouteEntry) -> bool {
     if n.is_empty() || n.len() > 512 || !n.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\') {
         return false;
     }
-    if !route.dpop_nonce.load().as_deref().is_some_and(|cur| cur == n) {
+    if route.dpop_nonce.load().as_deref().is_none_or(|cur| cur != n) {
         route.dpop_nonce.store(Some(Arc::new(n.to_string())));
     }
     true
