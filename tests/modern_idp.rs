@@ -609,3 +609,53 @@ async fn discovery_is_read_again_after_the_token_endpoint_fails() {
     let n = log.len();
     assert!(n >= 4 && log[n - 2].injected() && log[n - 1].ok(), "{log:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dpop_challenges_replay_at_most_once_and_a_refused_proof_keeps_the_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = TestKey::es256("dpop");
+    let mut c = secret_client("app", "client_secret_basic");
+    c["dpop_bound_access_tokens"] = json!(true);
+    let op = Op::start(OpConfig { access_token_ttl: 300, ..OpConfig::default() }.with_client(c)).await;
+    let v = Verifier::start(VerifierConfig {
+        require_dpop: true,
+        require_nonce: true,
+        ..VerifierConfig::new(op.issuer(), DEFAULT_RESOURCE)
+    })
+    .await;
+    let key_file = write(dir.path(), "dpop.jwk", &key.private_jwk().to_string());
+    let body = provider(
+        "bank",
+        op.issuer(),
+        &format!("client_id = \"app\"\nclient_secret = \"{SECRET}\"\nclient_auth = \"client_secret_basic\"\ndpop = true\ndpop_key_file = \"{key_file}\""),
+    );
+    let tg = Tollgate::start(&config(&format!("{body}\n{}", route("bank", &v.url(), "bank"))));
+    tg.wait_ready().await;
+    let c = client();
+    assert_eq!(c.get(tg.url("/bank/warm")).send().await.expect("warm").status(), 200);
+    let tokens_before = op.token_requests().await.len();
+    let count = |path: &str| v.seen().iter().filter(|r| r.path == path).count();
+
+    // A POST with a body, after the upstream changed its nonce: replayed once, body whole.
+    v.rotate_nonce();
+    let r = c.post(tg.url("/bank/pay")).body("amount=10").send().await.expect("post");
+    assert_eq!(r.status(), 200);
+    assert_eq!(count("/bank/pay"), 2, "refused for the nonce, then accepted");
+
+    // An upstream that demands a new nonce every time: one replay, then its 401 passes.
+    v.force_next(2, 401, "DPoP error=\"use_dpop_nonce\"");
+    let r = c.get(tg.url("/bank/again")).send().await.expect("get");
+    assert_eq!(r.status(), 401);
+    assert_eq!(count("/bank/again"), 2, "exactly one replay");
+
+    // A refused proof is not a refused token: passed through, no new token.
+    v.force_next(1, 401, "DPoP error=\"invalid_dpop_proof\"");
+    let r = c.get(tg.url("/bank/proof")).send().await.expect("get");
+    assert_eq!(r.status(), 401);
+    assert_eq!(count("/bank/proof"), 1, "not replayed");
+    assert_eq!(c.get(tg.url("/bank/after")).send().await.expect("after").status(), 200);
+    assert_eq!(op.token_requests().await.len(), tokens_before, "the token was kept throughout");
+    let jtis: Vec<_> = v.seen().iter().filter_map(|r| r.proof_jti.clone()).collect();
+    assert_eq!(jtis.iter().collect::<HashSet<_>>().len(), jtis.len(), "every replay carries a fresh proof");
+    assert!(tg.metric("tollgate_upstream_challenges_total{error=\"invalid_dpop_proof\",route=\"bank\"}").await >= 1.0);
+}
