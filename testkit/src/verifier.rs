@@ -3,26 +3,44 @@
 //! `aud`, `exp`, and for DPoP (RFC 9449 sections 4.3 and 7) the proof, its replay, its
 //! nonce and the token's `cnf.jkt` binding. It records what it saw and why it refused.
 //!
+//! With [`VerifierConfig::tls`] it serves HTTPS and asks for (without demanding) a client
+//! certificate, and then enforces RFC 8705 section 3: a token with `cnf.x5t#S256` passes
+//! only over a connection that presented that very certificate. Over plain HTTP no
+//! certificate can be seen, so the binding is recorded but not enforced (as by a resource
+//! server that does not implement RFC 8705).
+//!
 //! It shares no code with tollgate; the JOSE checks are jsonwebtoken's plus the RFC's
 //! rules written out here.
 
 use std::collections::{HashMap, HashSet};
+use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::{Request, State};
+use axum::extract::connect_info::Connected;
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::serve::IncomingStream;
 use axum::Json;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
 use serde_json::{json, Value};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
 
-use crate::keys::{jwk_thumbprint, now_secs, random_id, sha256_b64url};
+use crate::keys::{jwk_thumbprint, now_secs, random_id, sha256_b64url, TestCa};
 
 /// Why the verifier did not start.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +49,37 @@ pub enum VerifierError {
     Bind(std::io::Error),
     #[error("reading the provider's metadata or keys at {url}: {reason}")]
     Discovery { url: String, reason: String },
+    #[error("TLS setup: {0}")]
+    Tls(String),
+}
+
+/// HTTPS for the verifier (RFC 8705 mode). `Debug` leaves the key out.
+#[derive(Clone)]
+pub struct VerifierTls {
+    /// Server certificate, PEM (chain allowed; the leaf first).
+    pub cert_pem: String,
+    /// Its private key, PEM (PKCS#8, SEC1 or PKCS#1).
+    pub key_pem: String,
+    /// CA certificates, PEM, that a client certificate must chain to. `None`: any client
+    /// certificate is taken, self-signed ones included. Either way the handshake proves
+    /// the client holds the certificate's key, and a client without one is still served
+    /// (its certificate-bound tokens are then refused).
+    pub client_ca_pem: Option<String>,
+}
+
+impl std::fmt::Debug for VerifierTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifierTls").field("client_ca", &self.client_ca_pem.is_some()).finish_non_exhaustive()
+    }
+}
+
+impl VerifierTls {
+    /// A server certificate for `127.0.0.1` and `localhost` issued by `ca`, and `ca` as
+    /// the client CA: trust `ca.cert_pem` towards the verifier, present `ca.client_cert(..)`.
+    pub fn issued_by(ca: &TestCa) -> VerifierTls {
+        let server = ca.server_cert(&["127.0.0.1", "localhost"]);
+        VerifierTls { cert_pem: server.cert_pem, key_pem: server.key_pem, client_ca_pem: Some(ca.cert_pem.clone()) }
+    }
 }
 
 /// What the API demands.
@@ -46,12 +95,21 @@ pub struct VerifierConfig {
     /// Demand the current server nonce in every DPoP proof (401 `use_dpop_nonce` and a
     /// `DPoP-Nonce` header otherwise).
     pub require_nonce: bool,
+    /// Serve HTTPS, ask for a client certificate and enforce `cnf.x5t#S256`. `None`:
+    /// plain HTTP, the binding not enforced.
+    pub tls: Option<VerifierTls>,
 }
 
 impl VerifierConfig {
     /// Bearer or DPoP accepted, no nonce.
     pub fn new(issuer: &str, audience: &str) -> Self {
-        VerifierConfig { issuer: issuer.into(), audience: audience.into(), require_dpop: false, require_nonce: false }
+        VerifierConfig {
+            issuer: issuer.into(),
+            audience: audience.into(),
+            require_dpop: false,
+            require_nonce: false,
+            tls: None,
+        }
     }
 }
 
@@ -70,6 +128,11 @@ pub struct VerifierRecord {
     pub jti: Option<String>,
     /// The token's `cnf.jkt`.
     pub token_jkt: Option<String>,
+    /// The token's `cnf.x5t#S256` (RFC 8705 certificate binding).
+    pub token_x5t: Option<String>,
+    /// base64url(SHA-256(DER)) of the client certificate the connection presented (TLS
+    /// mode only).
+    pub client_x5t: Option<String>,
     /// The DPoP proof's `jti`, `nonce`, `htu` and key thumbprint, when a proof came.
     pub proof_jti: Option<String>,
     pub proof_nonce: Option<String>,
@@ -159,6 +222,7 @@ impl Verifier {
         let Some(jwks_uri) = disco["jwks_uri"].as_str().map(str::to_string) else {
             return Err(VerifierError::Discovery { url: disco_url, reason: "no jwks_uri".into() });
         };
+        let acceptor = cfg.tls.as_ref().map(tls_acceptor).transpose()?;
         let (listener, addr) = crate::bind_loopback().await.map_err(VerifierError::Bind)?;
         let inner = Arc::new(Inner {
             cfg,
@@ -173,15 +237,33 @@ impl Verifier {
         });
         inner.refresh_keys().await?;
         let app = axum::Router::new().fallback(handle).with_state(Arc::clone(&inner));
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        match acceptor {
+            None => {
+                tokio::spawn(async move {
+                    let _ = axum::serve(listener, app).await;
+                });
+            }
+            Some(acceptor) => {
+                let tls = TlsListener::start(listener, acceptor);
+                tokio::spawn(async move {
+                    let _ = axum::serve(tls, app.into_make_service_with_connect_info::<Peer>()).await;
+                });
+            }
+        }
         Ok(Verifier { inner, addr })
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>`, or `https://…` in TLS mode.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme(), self.addr)
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.inner.cfg.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
     }
 
     /// Every request so far, in order.
@@ -273,6 +355,8 @@ fn auds(v: &Value) -> Vec<String> {
 
 async fn handle(State(s): State<Arc<Inner>>, req: Request) -> Response {
     let (parts, _body) = req.into_parts();
+    let client_x5t =
+        parts.extensions.get::<ConnectInfo<Peer>>().and_then(|ConnectInfo(p)| p.cert_der.as_deref().map(sha256_b64url));
     let mut rec = VerifierRecord {
         method: parts.method.to_string(),
         path: parts.uri.path().to_string(),
@@ -283,6 +367,8 @@ async fn handle(State(s): State<Arc<Inner>>, req: Request) -> Response {
         aud: Vec::new(),
         jti: None,
         token_jkt: None,
+        token_x5t: None,
+        client_x5t,
         proof_jti: None,
         proof_nonce: None,
         proof_htu: None,
@@ -404,6 +490,7 @@ async fn check(
     rec.aud = auds(&tc);
     rec.jti = str_of(&tc, "jti");
     rec.token_jkt = tc.get("cnf").and_then(|c| c.get("jkt")).and_then(Value::as_str).map(str::to_string);
+    rec.token_x5t = tc.get("cnf").and_then(|c| c.get("x5t#S256")).and_then(Value::as_str).map(str::to_string);
 
     let alg = serde_json::from_value::<Algorithm>(th["alg"].clone())
         .map_err(|_| refuse(challenge, "invalid_token", "token alg unknown"))?;
@@ -430,6 +517,20 @@ async fn check(
         };
         refuse(challenge, "invalid_token", why)
     })?;
+
+    // RFC 8705 section 3: only the holder of the bound certificate may use the token.
+    if s.cfg.tls.is_some() {
+        match (&rec.token_x5t, &rec.client_x5t) {
+            (None, _) => {}
+            (Some(_), None) => {
+                return Err(refuse(challenge, "invalid_token", "certificate-bound token without the bound certificate"))
+            }
+            (Some(t), Some(c)) if t == c => {}
+            (Some(_), Some(_)) => {
+                return Err(refuse(challenge, "invalid_token", "certificate-bound token with another certificate"))
+            }
+        }
+    }
 
     if !is_dpop {
         if s.cfg.require_dpop {
@@ -492,7 +593,8 @@ async fn check(
         return Err(bad("proof htm does not match the method"));
     }
     let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or_default();
-    let expected_htu = format!("http://{host}{}", uri.path());
+    let web = if s.cfg.tls.is_some() { "https" } else { "http" };
+    let expected_htu = format!("{web}://{host}{}", uri.path());
     let htu = rec.proof_htu.clone().unwrap_or_default();
     let htu_base = htu.split(['?', '#']).next().unwrap_or_default();
     if htu_base != expected_htu {
@@ -517,5 +619,153 @@ async fn check(
         (None, _) => Err(refuse("DPoP", "invalid_token", "token is not DPoP-bound (no cnf.jkt)")),
         (Some(t), Some(p)) if t == p => Ok(()),
         _ => Err(refuse("DPoP", "invalid_token", "token cnf.jkt is not the proof key's thumbprint")),
+    }
+}
+
+/// The connection a request came on: its peer and the client certificate it presented.
+#[derive(Clone, Debug)]
+struct Peer {
+    /// The leaf certificate, DER.
+    cert_der: Option<Vec<u8>>,
+}
+
+impl Connected<IncomingStream<'_, TlsListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Self {
+        stream.remote_addr().clone()
+    }
+}
+
+/// Handshakes run in their own tasks (a stalled client cannot hold up the others); the
+/// finished ones queue here for axum.
+struct TlsListener {
+    ready: mpsc::Receiver<(TlsStream<TcpStream>, Peer)>,
+}
+
+/// How long a client may take over its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl TlsListener {
+    fn start(listener: TcpListener, acceptor: TlsAcceptor) -> TlsListener {
+        let (tx, ready) = mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = match listener.accept().await {
+                    Ok(c) => c,
+                    Err(_) => {
+                        // Out of descriptors and the like: back off instead of spinning.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                if tx.is_closed() {
+                    return;
+                }
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let Ok(Ok(tls)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await else {
+                        return;
+                    };
+                    let cert_der =
+                        tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.as_ref().to_vec());
+                    let _ = tx.send((tls, Peer { cert_der })).await;
+                });
+            }
+        });
+        TlsListener { ready }
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = Peer;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(c) => c,
+            // The accept task is gone: nothing more will come.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        Ok(Peer { cert_der: None })
+    }
+}
+
+fn tls_acceptor(t: &VerifierTls) -> Result<TlsAcceptor, VerifierError> {
+    let bad = |what: &str| VerifierError::Tls(what.to_string());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let chain = CertificateDer::pem_slice_iter(t.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| bad("cert_pem is not PEM"))?;
+    if chain.is_empty() {
+        return Err(bad("cert_pem holds no certificate"));
+    }
+    let key = PrivateKeyDer::from_pem_slice(t.key_pem.as_bytes()).map_err(|_| bad("key_pem holds no private key"))?;
+    let client_verifier: Arc<dyn ClientCertVerifier> = match &t.client_ca_pem {
+        Some(pem) => {
+            let mut roots = RootCertStore::empty();
+            for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                roots.add(c.map_err(|_| bad("client_ca_pem is not PEM"))?).map_err(|e| bad(&e.to_string()))?;
+            }
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| bad(&e.to_string()))?
+        }
+        None => Arc::new(AnyClientCert(Arc::clone(&provider))),
+    };
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(&e.to_string()))?
+        .with_client_cert_verifier(client_verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| bad(&e.to_string()))?;
+    Ok(TlsAcceptor::from(Arc::new(cfg)))
+}
+
+/// Takes any client certificate (self-signed ones too) but still checks the handshake
+/// signature, so the client proves it holds the key: that is all RFC 8705's binding needs.
+#[derive(Debug)]
+struct AnyClientCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl ClientCertVerifier for AnyClientCert {
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
