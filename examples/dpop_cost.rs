@@ -4,8 +4,8 @@
 //! Usage: `cargo run --release --example dpop_cost [-- PROOFS]` (default 20 000, at most
 //! 1 000 000). Prints one human line and one JSON line for the proof, then, for the same
 //! number of signatures over a message of a proof's length, what the ECDSA P-256
-//! signature alone costs with p256 (what `proof()` uses) and with ring (in the tree
-//! through rustls), so that the share of the signature is visible.
+//! signature alone costs with ring (what `proof()` uses) and with the p256 crate (its
+//! fallback), so that the share of the signature is visible.
 
 use std::hint::black_box;
 use std::time::Instant;
