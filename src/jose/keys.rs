@@ -425,21 +425,22 @@ fn parse_jwk_file(bytes: &[u8], want_kid: Option<&str>) -> Result<LoadedKey, Str
                 private.retain(|k| k.get("kid").and_then(Value::as_str) == Some(kid));
             }
         }
-        match private.len() {
-            1 => private.pop().ok_or_else(|| "unreachable".to_owned())?,
-            0 if all_private > 0 => {
+        let matching = private.len();
+        match (private.pop(), matching) {
+            (Some(one), 1) => one,
+            (_, 0) if all_private > 0 => {
                 return Err(format!(
                     "holds a JWK Set with {all_private} private keys, none with kid {}",
                     printable(want_kid.unwrap_or_default())
                 ))
             }
-            0 if total == 0 => return Err("holds an empty JWK Set".to_owned()),
-            0 => {
+            (_, 0) if total == 0 => return Err("holds an empty JWK Set".to_owned()),
+            (_, 0) => {
                 return Err(format!(
                     "holds a JWK Set with {total} public key(s) and no private key (no \"d\"); signing needs the private key"
                 ))
             }
-            n => {
+            (_, n) => {
                 return Err(format!(
                     "holds a JWK Set with {n} private keys; keep exactly one, or set kid to choose"
                 ))
