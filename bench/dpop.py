@@ -324,8 +324,13 @@ def report(cost, proof, facts, label, s):
       + ("The per-round ranges overlap, so the difference is within run-to-run noise."
          if overlap else "The per-round ranges do not overlap."))
     if proof:
-        w(f"- One proof alone costs {s['proof_us']:.2f} µs; the rest of the difference is the larger request "
-          "(a ~" + fmt(cost.get("proof_bytes")) + "-byte header more to write) and building the `htu`.")
+        share = 100 * s["proof_us"] / s["cpu_delta_us"] if s["cpu_delta_us"] > 0 else None
+        w(f"- One proof alone (`examples/dpop_cost`) costs {s['proof_us']:.2f} µs"
+          + (f", {share:.0f} % of the measured difference; the rest is building the `htu` and "
+             f"writing the extra {fmt(cost.get('proof_bytes'))}-byte header per request, plus run-to-run noise." if share is not None else "."))
+    if "instructions_delta" in s:
+        w(f"- Callgrind, which does not depend on the machine's other load: {s['instructions_delta']:+,.0f} "
+          f"instructions per request with DPoP ({s['instructions_ratio']:.3f}×).")
     w("")
     return "\n".join(out)
 
