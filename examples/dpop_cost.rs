@@ -1,68 +1,51 @@
-//! Cost of one DPoP proof on the request path (bench/ figures for issue 12): µs per
-//! `DpopKey::proof()` with `ath` and a nonce, on one thread, over a bounded loop.
+//! What one DPoP proof costs on its own: `DpopKey::proof` as the proxy calls it for every
+//! request of a DPoP provider (method, URL, the token's `ath`, no nonce), timed in a tight
+//! loop on one thread. `bench/dpop.sh` runs it next to the whole-proxy measurement, so the
+//! report can say how much of the per-request difference is the signature itself.
 //!
-//! Usage: `cargo run --release --example dpop_cost [-- PROOFS]` (default 20 000, at most
-//! 1 000 000). Prints one human line and one JSON line for the proof, then, for the same
-//! number of signatures over a message of a proof's length, what the ECDSA P-256
-//! signature alone costs with ring (what `proof()` uses) and with the p256 crate (its
-//! fallback), so that the share of the signature is visible.
+//! Usage: `cargo run --release --example dpop_cost [proofs per batch] [batches]`
+//! (defaults 2000 and 9). Prints one JSON object: the median, minimum and maximum over the
+//! batches of the wall-clock µs per proof. One thread that never blocks, so wall clock is
+//! its CPU time as long as nothing else shares the core (`bench/dpop.sh` pins it).
 
 use std::hint::black_box;
 use std::time::Instant;
 
-use tollgate::jose::{ath, DpopKey};
+use tollgate::jose::dpop::{ath, DpopKey};
 
-fn main() {
-    let proofs: u32 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(20_000).clamp(1, 1_000_000);
-    let key = DpopKey::generate();
-    let token_ath = ath("an-access-token-of-typical-length-0123456789abcdefghijklmnopqrstuvwxyz");
-    let htu = "https://api.example.com/v1/orders";
-    let nonce = "eyJ7S_zG.eyJH0-Z.HX4w-7v";
-
-    // Warm-up: thread-local RNG, caches, allocator.
-    for _ in 0..proofs.min(1_000) {
-        black_box(key.proof("GET", htu, Some(&token_ath), Some(nonce)));
-    }
-    let start = Instant::now();
-    let mut bytes = 0usize;
-    for _ in 0..proofs {
-        bytes += black_box(key.proof(black_box("GET"), black_box(htu), Some(&token_ath), Some(nonce))).len();
-    }
-    let elapsed = start.elapsed();
-    let per_proof_us = elapsed.as_secs_f64() * 1e6 / f64::from(proofs);
-    let avg_len = bytes / proofs as usize;
-    println!(
-        "{per_proof_us:.1} µs per DPoP proof ({proofs} proofs in {elapsed:.2?}, one thread, {avg_len} bytes each)"
-    );
-    println!(r#"{{"proofs":{proofs},"us_per_proof":{per_proof_us:.2},"proof_bytes":{avg_len}}}"#);
-
-    let message = vec![b'a'; avg_len.saturating_sub(87)];
-    let p256_key = p256::ecdsa::SigningKey::random(&mut rand::rngs::OsRng);
-    let p256_us = per_call_us(proofs, || {
-        let signature: p256::ecdsa::Signature = p256::ecdsa::signature::Signer::sign(&p256_key, black_box(&message));
-        black_box(signature);
-    });
-    let rng = ring::rand::SystemRandom::new();
-    let alg = &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING;
-    let ring_key = ring::signature::EcdsaKeyPair::generate_pkcs8(alg, &rng)
-        .and_then(|pkcs8| {
-            ring::signature::EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng).map_err(|_| ring::error::Unspecified)
-        })
-        .expect("ring P-256 key");
-    let ring_us = per_call_us(proofs, || {
-        black_box(ring_key.sign(&rng, black_box(&message)).expect("ring signature"));
-    });
-    println!("ECDSA P-256 signature alone: {p256_us:.1} µs with p256, {ring_us:.1} µs with ring");
-    println!(r#"{{"sign_only_us":{{"p256":{p256_us:.2},"ring":{ring_us:.2}}}}}"#);
+fn stats(mut xs: Vec<f64>) -> (f64, f64, f64) {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    (xs[xs.len() / 2], xs[0], xs[xs.len() - 1])
 }
 
-fn per_call_us(calls: u32, mut f: impl FnMut()) -> f64 {
-    for _ in 0..calls.min(1_000) {
-        f();
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let n: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(2000).max(1);
+    let batches: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(9).max(1);
+
+    let key = DpopKey::generate();
+    // The bench's token length (807 bytes, bench/harness.py make_token) and its upstream URL.
+    let token = "A".repeat(807);
+    let ath = ath(&token);
+    let htu = "http://127.0.0.1:18001/";
+
+    for _ in 0..n.min(500) {
+        black_box(key.proof("GET", htu, Some(&ath), None));
     }
-    let start = Instant::now();
-    for _ in 0..calls {
-        f();
+    let mut wall = Vec::with_capacity(batches);
+    let mut len = 0;
+    for _ in 0..batches {
+        let t0 = Instant::now();
+        for _ in 0..n {
+            let v = black_box(key.proof(black_box("GET"), black_box(htu), Some(black_box(&ath)), None));
+            len = v.len();
+        }
+        let dt = t0.elapsed().as_secs_f64();
+        wall.push(dt * 1e6 / n as f64);
     }
-    start.elapsed().as_secs_f64() * 1e6 / f64::from(calls)
+    let (wm, wlo, whi) = stats(wall);
+    println!(
+        "{{\"proofs_per_batch\":{n},\"batches\":{batches},\"proof_bytes\":{len},\
+         \"wall_us_per_proof\":{{\"median\":{wm:.2},\"min\":{wlo:.2},\"max\":{whi:.2}}}}}"
+    );
 }
