@@ -640,28 +640,59 @@ fn challenge_label(error: Option<&str>) -> &'static str {
 const PROBE_HEADER: &str = "x-tollgate-probe";
 
 /// The `error` parameter of an RFC 6750 challenge (`WWW-Authenticate: Bearer
-/// error="invalid_token"`, also under the `DPoP` scheme), lower-cased.
+/// error="invalid_token"`, also under the `DPoP` scheme), lower-cased. Only parameters
+/// outside quoted strings count: an `error_description="… error=x …"` says nothing.
 fn bearer_error(resp: &ResponseHeader) -> Option<String> {
-    for v in resp.headers.get_all(http::header::WWW_AUTHENTICATE) {
-        let Ok(text) = v.to_str() else { continue };
-        let lower = text.to_ascii_lowercase();
-        let mut rest = lower.as_str();
-        while let Some(i) = rest.find("error") {
-            let before = rest[..i].chars().last();
-            let after = rest[i + 5..].trim_start();
-            rest = &rest[i + 5..];
-            if !matches!(before, None | Some(' ') | Some(',') | Some('\t')) {
-                continue;
+    resp.headers.get_all(http::header::WWW_AUTHENTICATE).iter().find_map(|v| challenge_error(v.as_bytes()))
+}
+
+fn challenge_error(raw: &[u8]) -> Option<String> {
+    let lower = raw.to_ascii_lowercase();
+    // The same bytes with quoted strings blanked out, so that offsets stay the same.
+    let mut top = lower.clone();
+    let (mut quoted, mut escaped) = (false, false);
+    for b in top.iter_mut() {
+        let c = *b;
+        if quoted {
+            *b = b' ';
+            if escaped {
+                escaped = false;
+            } else if c == b'\\' {
+                escaped = true;
+            } else if c == b'"' {
+                quoted = false;
+                *b = b'"';
             }
-            let Some(value) = after.strip_prefix('=') else { continue };
-            let value = value.trim_start();
-            let v = match value.strip_prefix('"') {
-                Some(q) => q.split('"').next().unwrap_or(""),
-                None => value.split([',', ' ']).next().unwrap_or(""),
-            };
-            if !v.is_empty() {
-                return Some(v.to_string());
-            }
+        } else if c == b'"' {
+            quoted = true;
+        }
+    }
+    let mut from = 0;
+    while let Some(i) = top[from..].windows(5).position(|w| w == b"error").map(|i| i + from) {
+        from = i + 5;
+        if i > 0 && !matches!(top[i - 1], b' ' | b',' | b'\t') {
+            continue;
+        }
+        let mut k = i + 5;
+        while top.get(k).is_some_and(|b| *b == b' ' || *b == b'\t') {
+            k += 1;
+        }
+        if top.get(k) != Some(&b'=') {
+            continue;
+        }
+        k += 1;
+        while top.get(k).is_some_and(|b| *b == b' ' || *b == b'\t') {
+            k += 1;
+        }
+        let value: &[u8] = if top.get(k) == Some(&b'"') {
+            let rest = &lower[k + 1..];
+            &rest[..rest.iter().position(|b| *b == b'"').unwrap_or(rest.len())]
+        } else {
+            let rest = &lower[k..];
+            &rest[..rest.iter().position(|b| matches!(b, b',' | b' ' | b'\t')).unwrap_or(rest.len())]
+        };
+        if !value.is_empty() {
+            return std::str::from_utf8(value).ok().map(str::to_string);
         }
     }
     None
@@ -701,6 +732,24 @@ fn rewrite_path(req: &mut RequestHeader, spec: &crate::config::RouteSpec) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn challenge_errors_are_read_outside_quoted_strings_only() {
+        let e = |s: &str| challenge_error(s.as_bytes());
+        assert_eq!(e(r#"Bearer error="invalid_token""#).as_deref(), Some("invalid_token"));
+        assert_eq!(
+            e(r#"Bearer realm="api", error=insufficient_scope, scope="x""#).as_deref(),
+            Some("insufficient_scope")
+        );
+        assert_eq!(e(r#"DPoP algs="ES256", error="use_dpop_nonce""#).as_deref(), Some("use_dpop_nonce"));
+        assert_eq!(
+            e(r#"Bearer error_description="an error=invalid_token \" error=x", error="insufficient_scope""#).as_deref(),
+            Some("insufficient_scope")
+        );
+        assert_eq!(e(r#"Bearer realm="error=invalid_token""#), None);
+        assert_eq!(e("Bearer"), None);
+        assert_eq!(e(r#"Basic realm="x", Bearer error = "Invalid_Token""#).as_deref(), Some("invalid_token"));
+    }
 
     #[test]
     fn only_a_401_replays_a_non_idempotent_request_and_only_with_its_whole_body() {
