@@ -391,22 +391,33 @@ async fn resource_decides_the_audience_and_the_upstream_refuses_another() {
     assert!(tg.metric("tollgate_upstream_challenges_total{error=\"invalid_token\",route=\"other\"}").await >= 1.0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dpop_proofs_are_fresh_bound_to_the_token_and_follow_both_nonces() {
+/// An OP issuing DPoP-bound tokens (`ttl` seconds; demanding a nonce at its token
+/// endpoint when `op_nonce`), an upstream demanding proofs with nonces, and tollgate with
+/// a DPoP provider whose key is in `key_name` (`.pem` or `.jwk`).
+struct DpopRig {
+    _dir: tempfile::TempDir,
+    key: TestKey,
+    op: Op,
+    v: Verifier,
+    tg: Tollgate,
+}
+
+async fn dpop_rig(ttl: u64, op_nonce: bool, key_name: &str) -> DpopRig {
     let dir = tempfile::tempdir().expect("tempdir");
     let key = TestKey::es256("dpop");
     let mut c = secret_client("app", "client_secret_basic");
     c["dpop_bound_access_tokens"] = json!(true);
-    let op =
-        Op::start(OpConfig { access_token_ttl: 4, dpop_require_nonce: true, ..OpConfig::default() }.with_client(c))
-            .await;
+    let cfg = OpConfig { access_token_ttl: ttl, dpop_require_nonce: op_nonce, ..OpConfig::default() };
+    let op = Op::start(cfg.with_client(c)).await;
     let v = Verifier::start(VerifierConfig {
         require_dpop: true,
         require_nonce: true,
         ..VerifierConfig::new(op.issuer(), DEFAULT_RESOURCE)
     })
     .await;
-    let key_file = write(dir.path(), "dpop.pem", key.private_pem());
+    let key_text =
+        if key_name.ends_with(".jwk") { key.private_jwk().to_string() } else { key.private_pem().to_string() };
+    let key_file = write(dir.path(), key_name, &key_text);
     let body = provider(
         "bank",
         op.issuer(),
@@ -414,6 +425,12 @@ async fn dpop_proofs_are_fresh_bound_to_the_token_and_follow_both_nonces() {
     );
     let tg = Tollgate::start(&config(&format!("{body}\n{}", route("bank", &v.url(), "bank"))));
     tg.wait_ready().await;
+    DpopRig { _dir: dir, key, op, v, tg }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dpop_proofs_are_fresh_bound_to_the_token_and_follow_both_nonces() {
+    let DpopRig { _dir, key, op, v, tg } = dpop_rig(4, true, "dpop.pem").await;
 
     // Sequential and concurrent requests, across at least one renewal (4 s tokens).
     let (ok, bad, firsts) = traffic(&tg, &["/bank"], Duration::from_secs(3)).await;
@@ -612,25 +629,7 @@ async fn discovery_is_read_again_after_the_token_endpoint_fails() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dpop_challenges_replay_at_most_once_and_a_refused_proof_keeps_the_token() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let key = TestKey::es256("dpop");
-    let mut c = secret_client("app", "client_secret_basic");
-    c["dpop_bound_access_tokens"] = json!(true);
-    let op = Op::start(OpConfig { access_token_ttl: 300, ..OpConfig::default() }.with_client(c)).await;
-    let v = Verifier::start(VerifierConfig {
-        require_dpop: true,
-        require_nonce: true,
-        ..VerifierConfig::new(op.issuer(), DEFAULT_RESOURCE)
-    })
-    .await;
-    let key_file = write(dir.path(), "dpop.jwk", &key.private_jwk().to_string());
-    let body = provider(
-        "bank",
-        op.issuer(),
-        &format!("client_id = \"app\"\nclient_secret = \"{SECRET}\"\nclient_auth = \"client_secret_basic\"\ndpop = true\ndpop_key_file = \"{key_file}\""),
-    );
-    let tg = Tollgate::start(&config(&format!("{body}\n{}", route("bank", &v.url(), "bank"))));
-    tg.wait_ready().await;
+    let DpopRig { _dir, op, v, tg, .. } = dpop_rig(300, false, "dpop.jwk").await;
     let c = client();
     assert_eq!(c.get(tg.url("/bank/warm")).send().await.expect("warm").status(), 200);
     let tokens_before = op.token_requests().await.len();
