@@ -14,16 +14,8 @@ case "$LABEL" in -*) echo "first argument is the label (got option $LABEL)" >&2;
 log() { echo "[dpop $(date -u +%H:%M:%S)] $*"; }
 
 # ---- prerequisites ----------------------------------------------------------
-missing=()
-for t in nginx wrk taskset python3; do command -v "$t" >/dev/null || missing+=("$t"); done
-if ((${#missing[@]})); then
-  pkgs=()
-  for t in "${missing[@]}"; do case "$t" in taskset) pkgs+=(util-linux);; *) pkgs+=("$t");; esac; done
-  log "installing ${pkgs[*]} (apt)"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -q >/dev/null
-  apt-get install -y -q --no-install-recommends "${pkgs[@]}" >/dev/null
-fi
+. "$BENCH/lib.sh"
+require_tools nginx wrk taskset python3
 command -v valgrind >/dev/null || log "valgrind not installed: instructions per request are skipped (apt-get install valgrind to have it)"
 
 # ---- binaries (cargo is a no-op when fresh; niced so other builds are not starved) ----
@@ -36,37 +28,8 @@ fi
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 # ---- machine facts --------------------------------------------------------------
-DAY="$(date -u +%F)"
-OUTDIR="$BENCH/results"
-mkdir -p "$OUTDIR"
-name="$DAY-$LABEL"
-[[ "$LABEL" == dpop* ]] || name="$DAY-dpop-$LABEL"
-RAW="$OUTDIR/$name.json"
-MD="$OUTDIR/$name.md"
-FACTS="$(mktemp)"
-trap 'rm -f "$FACTS"' EXIT
-commit="$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo 'no commit yet')"
-dirty="$(git -C "$REPO" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null | wc -l)"
-tv="$("$REPO/target/release/tollgate" --version 2>/dev/null || echo 'not built')"
-tv="$tv (binary built $(date -u -r "$REPO/target/release/tollgate" +%FT%TZ 2>/dev/null || echo '?'))"
-python3 - "$FACTS" <<PY
-import json, sys
-facts = {
-  "date": "$(date -u +%FT%TZ)",
-  "nproc": "$(nproc)",
-  "CPU": "$(lscpu | sed -n 's/^Model name: *//p' | head -1), $(lscpu | sed -n 's/^Hypervisor vendor: *//p' | head -1 | sed 's/^\(.\)/hypervisor \1/')",
-  "memory": "$(free -g | awk '/^Mem:/{print $2}') GiB",
-  "kernel": "$(uname -sr)",
-  "OS": "$(. /etc/os-release; echo "$PRETTY_NAME")",
-  "nginx": "$(nginx -v 2>&1 | sed 's/^nginx version: //')",
-  "wrk": "$(wrk --version 2>&1 | head -1 | awk '{print $2}')",
-  "valgrind": "$(valgrind --version 2>/dev/null || echo 'not installed')",
-  "rustc": "$(rustc --version)",
-  "tollgate": "$tv, git $commit" + (" + $dirty uncommitted changes in src/Cargo.*" if "$dirty" != "0" else ""),
-  "load average at start": "$(cut -d' ' -f1-3 /proc/loadavg)",
-}
-json.dump(facts, open(sys.argv[1], "w"))
-PY
+result_paths dpop
+write_facts
 
 # ---- run -------------------------------------------------------------------------------
 python3 "$BENCH/dpop.py" --label "$LABEL" --facts "$FACTS" --out-md "$MD" --out-json "$RAW" \
