@@ -307,12 +307,7 @@ def report(cost, proof, facts, label, s):
           f"pinned to core {p['proxy_core']}, {proof['batches']} batches of {proof['proofs_per_batch']:,}): "
           f"{wp['median']:.2f} µs per proof (min {wp['min']:.2f}, max {wp['max']:.2f}), {proof['proof_bytes']} bytes.")
         w("")
-    retried = sum(x.get("retries", 0) for x in st)
-    foreign = [x["core0_foreign_s"] / x["core0_total_s"] for x in st if x.get("core0_total_s")]
-    comp = sum(1 for x in st if x.get("compilers"))
-    w(f"Noise: {comp} of {len(st)} load steps overlapped with a compiler process; other un-niced processes used a "
-      f"median {fmt(100 * med(foreign) if foreign else None, 1)} % of core {p['proxy_core']} (max "
-      f"{fmt(100 * max(foreign) if foreign else None, 1)} %); {retried} step(s) repeated.")
+    w(fleet.noise_line(st, p["proxy_core"]))
     w("")
     w("## Reading")
     w("")

@@ -379,6 +379,16 @@ def read_ir(path):
 # --------------------------------------------------------------------------- report
 
 
+def noise_line(steps, core):
+    """What else ran on the proxy's core during the load steps (the report's noise line)."""
+    retried = sum(x.get("retries", 0) for x in steps)
+    foreign = [x["core0_foreign_s"] / x["core0_total_s"] for x in steps if x.get("core0_total_s")]
+    comp = sum(1 for x in steps if x.get("compilers"))
+    return (f"Noise: {comp} of {len(steps)} load steps overlapped with a compiler process; other un-niced processes "
+            f"used a median {fmt(100 * med(foreign) if foreign else None, 1)} % of core {core} (max "
+            f"{fmt(100 * max(foreign) if foreign else None, 1)} %); {retried} step(s) repeated.")
+
+
 def fmt(v, nd=0):
     if v is None:
         return "–"
@@ -576,12 +586,7 @@ def report(count, cost, facts, label):
             w(f"**Redis ÷ memory**: instructions per request {fmt(c.get('instructions_ratio'), 3)}× "
               f"(net {fmt(c.get('instructions_ratio_net'), 3)}×).")
             w("")
-        retried = sum(x.get("retries", 0) for x in st)
-        foreign = [x["core0_foreign_s"] / x["core0_total_s"] for x in st if x.get("core0_total_s")]
-        comp = sum(1 for x in st if x.get("compilers"))
-        w(f"Noise: {comp} of {len(st)} load steps overlapped with a compiler process; other un-niced processes used a "
-          f"median {fmt(100 * med(foreign) if foreign else None, 1)} % of core {p['proxy_core']} (max "
-          f"{fmt(100 * max(foreign) if foreign else None, 1)} %); {retried} step(s) repeated.")
+        w(noise_line(st, p["proxy_core"]))
         w("")
 
     w("## Reading")
