@@ -411,7 +411,9 @@ impl Driver {
             Err(e) => {
                 self.failed(kind, &e);
                 let failure = Failure {
-                    credential: e.class.is_credential(),
+                    // An unreadable local file says nothing about the refresh token: it
+                    // is kept for when the file is back.
+                    credential: e.class.is_credential() && e.class != ErrorClass::CredentialFile,
                     grant_rejected: grant_rejected(&e),
                     retry_after: e.retry_after,
                 };
