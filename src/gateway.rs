@@ -330,6 +330,7 @@ impl Plan {
         let settings = self.settings;
         // Logged at start and on every reload: an open relay, unverified upstream TLS.
         crate::proxy::router::warn_exposure(&settings.proxy, &settings.routes);
+        warn_unshared_dpop(&settings);
         // Each route's upstream addresses, followed in the background (never failing).
         let upstreams = crate::proxy::resolve::upstreams_for(&settings, handle);
         let mut entries = Vec::new();
@@ -352,6 +353,21 @@ impl Plan {
             });
         }
         Active { router: Router::new(entries), providers, settings }
+    }
+}
+
+/// A DPoP key generated at start is this process's alone, and so are the tokens bound to
+/// it: with a store meant for sharing or restarts, say that a key file is needed.
+fn warn_unshared_dpop(settings: &Settings) {
+    if matches!(settings.store, StoreSettings::Memory) {
+        return;
+    }
+    for p in &settings.providers {
+        if let crate::provider::SourceSpec::OAuth2(o) = &p.source {
+            if o.dpop.as_ref().is_some_and(|d| d.key_file.is_none()) {
+                warn!(provider = %p.name, "dpop = true without dpop_key_file: the key is generated at start, so its tokens are never shared with other replicas nor usable after a restart; set dpop_key_file to share them");
+            }
+        }
     }
 }
 

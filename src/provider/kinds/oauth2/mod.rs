@@ -516,6 +516,7 @@ mod modern_tests {
             (with(&base(), "upstream_client_cert", json!(true)), "upstream_client_cert"),
             (with(&base(), "resource", json!(["https://api#frag"])), "resource.0"),
             (with(&base(), "signing_alg", json!("ES256")), "signing_alg"),
+            (with(&base(), "client_auth", json!("client_secret_jwt")), "client_secret"),
         ];
         for (v, key) in cases {
             let (k, reason) = error(v.clone());
@@ -597,6 +598,7 @@ mod modern_tests {
             assert_eq!(spec.client_cert.map(|c| c.x5t), Some(x5t), "RFC 8705 x5t#S256 of the leaf's DER");
         }
         // How the client authenticates is not who it is.
-        assert_eq!(fingerprint_of(with(&base(), "client_auth", json!("client_secret_jwt"))), id);
+        let long = with(&base(), "client_secret", json!("0123456789abcdef0123456789abcdef"));
+        assert_eq!(fingerprint_of(with(&long, "client_auth", json!("client_secret_jwt"))), fingerprint_of(long));
     }
 }

@@ -70,14 +70,26 @@ pub(super) fn spec(p: &ProviderConfig, cx: &mut Cx) -> Result<OAuth2Spec, SpecEr
                 ));
             }
         }
-        ClientAuth::ClientSecretJwt => {
-            if client_secret.is_none() {
+        ClientAuth::ClientSecretJwt => match &client_secret {
+            None => {
                 return Err(SpecError::new(
                     "client_secret",
                     format!("is required with `client_auth = \"{}\"`", client_auth.as_str()),
                 ));
             }
-        }
+            // RFC 7518 section 3.2: an HS256 key is at least as long as the hash (32 bytes);
+            // IdPs (Okta, Keycloak) refuse shorter secrets for this method.
+            Some(s) if s.expose().len() < 32 => {
+                return Err(SpecError::new(
+                    "client_secret",
+                    format!(
+                        "is {} bytes; `client_auth = \"client_secret_jwt\"` signs with HS256, which needs at least 32",
+                        s.expose().len()
+                    ),
+                ));
+            }
+            Some(_) => {}
+        },
         ClientAuth::PrivateKeyJwt
         | ClientAuth::TlsClientAuth
         | ClientAuth::SelfSignedTlsClientAuth
