@@ -98,15 +98,7 @@ class Dpop(fleet.Cost):
         """The upstream sees the scheme each provider should send and, for DPoP, a fresh
         proof per request (two requests, two distinct well-formed JWTs of type dpop+jwt)."""
         port = self.ports[variant]
-        deadline = time.time() + timeout
-        while True:
-            try:
-                st, body = harness.http_get(f"http://127.0.0.1:{port}/__auth")
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.2)
+        st, body = harness.http_get_retrying(f"http://127.0.0.1:{port}/__auth", timeout)
         want = ("DPoP " if variant == "dpop" else "Bearer ") + harness.TOKEN
         if st != 200 or body != want.encode():
             raise RuntimeError(f"tollgate ({variant}): the upstream did not see `Authorization: "

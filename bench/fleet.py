@@ -25,7 +25,6 @@ import re
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ sys.path.insert(0, BENCH)
 sys.dont_write_bytecode = True  # no bench/__pycache__ from importing harness
 import harness  # noqa: E402  (shared helpers: spawn, render, wrk, /proc sampling)
 from harness import CLK_TCK, PROXY_CORE, LOAD_CORE, log  # noqa: E402
+from report import f as fmt, med, rng  # noqa: E402  (the number formatting of bench/run.sh's report)
 
 # A 32-byte store key, base64 (benchmark value only, never a real secret).
 STORE_KEY = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="
@@ -118,9 +118,6 @@ def counters(admin_port):
     }
 
 
-def med(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
 
 
 # --------------------------------------------------------------------------- part 2: cost
@@ -190,18 +187,8 @@ class Cost:
         return p
 
     def sanity(self, store, timeout=30):
-        """The upstream receives the token through the proxy. Retried for a while: pingora
-        may close and reopen its listener between bootstrap and start (a long window under
-        valgrind), so an open port alone does not mean it serves yet."""
-        deadline = time.time() + timeout
-        while True:
-            try:
-                st, body = harness.http_get(f"http://127.0.0.1:{self.ports[store]}/__auth")
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.2)
+        """The upstream receives the token through the proxy."""
+        st, body = harness.http_get_retrying(f"http://127.0.0.1:{self.ports[store]}/__auth", timeout)
         if st != 200 or body != harness.AUTH_VALUE.encode():
             raise RuntimeError(f"tollgate ({store}): the upstream did not see the expected Authorization header")
 
@@ -387,19 +374,6 @@ def noise_line(steps, core):
     return (f"Noise: {comp} of {len(steps)} load steps overlapped with a compiler process; other un-niced processes "
             f"used a median {fmt(100 * med(foreign) if foreign else None, 1)} % of core {core} (max "
             f"{fmt(100 * max(foreign) if foreign else None, 1)} %); {retried} step(s) repeated.")
-
-
-def fmt(v, nd=0):
-    if v is None:
-        return "–"
-    return f"{v:,.{nd}f}"
-
-
-def rng(xs, nd=0):
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return "–"
-    return f"{fmt(med(xs), nd)} ({fmt(min(xs), nd)}–{fmt(max(xs), nd)})"
 
 
 def summary(count, cost):

@@ -156,6 +156,20 @@ def http_get(url, timeout=2.0):
         return r.status, r.read()
 
 
+def http_get_retrying(url, timeout=30.0):
+    """http_get, retried while the connection fails: pingora may close and reopen its
+    listener between bootstrap and start (a long window under valgrind), so an open port
+    alone does not mean it serves yet."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            return http_get(url)
+        except OSError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def wait_http_200(url, timeout=30.0):
     deadline = time.time() + timeout
     last = None

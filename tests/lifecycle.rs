@@ -203,26 +203,7 @@ fn holds_string(v: &Value, needle: &str) -> bool {
 }
 
 fn shared_store_config(store: &Path, provider: &str, upstream: &Upstream, name: &str) -> String {
-    format!(
-        r#"
-[proxy]
-listen = "{{PROXY}}"
-token_wait = "1s"
-[admin]
-listen = "{{ADMIN}}"
-[store]
-kind = "file"
-path = "{store}"
-{provider}
-[[routes]]
-name = "api"
-path_prefix = "/"
-upstream = "{up}"
-provider = "{name}"
-"#,
-        store = store.display(),
-        up = upstream.url(),
-    )
+    support::store_file_config(&store.display().to_string(), name, provider, upstream, "")
 }
 
 #[tokio::test(flavor = "multi_thread")]

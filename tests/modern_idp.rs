@@ -42,6 +42,13 @@ fn provider(name: &str, issuer: &str, extra: &str) -> String {
     )
 }
 
+/// Tollgate with one provider table (`body`) and its route `/{name}` to `upstream`, ready.
+async fn start_one(name: &str, body: &str, upstream: &str) -> Tollgate {
+    let tg = Tollgate::start(&config(&format!("{body}\n{}", route(name, upstream, name))));
+    tg.wait_ready().await;
+    tg
+}
+
 fn route(name: &str, upstream: &str, provider: &str) -> String {
     format!("[[routes]]\nname = \"{name}\"\npath_prefix = \"/{name}\"\nupstream = \"{upstream}\"\nprovider = \"{provider}\"\n")
 }
@@ -230,8 +237,7 @@ async fn a_rotated_private_key_file_is_used_for_the_next_token_without_a_failed_
         op.issuer(),
         &format!("client_id = \"app\"\nclient_auth = \"private_key_jwt\"\nprivate_key_file = \"{key_file}\""),
     );
-    let tg = Tollgate::start(&config(&format!("{body}\n{}", route("app", &v.url(), "app"))));
-    tg.wait_ready().await;
+    let tg = start_one("app", &body, &v.url()).await;
     let before = wait_log(&op, "a token with the old key", |l| l.iter().any(|r| r.ok())).await;
     assert!(before.iter().all(|r| r.0["client_assertion"]["header"]["kid"] == "old"));
 
@@ -423,8 +429,7 @@ async fn dpop_rig(ttl: u64, op_nonce: bool, key_name: &str) -> DpopRig {
         op.issuer(),
         &format!("client_id = \"app\"\nclient_secret = \"{SECRET}\"\nclient_auth = \"client_secret_basic\"\ndpop = true\ndpop_key_file = \"{key_file}\""),
     );
-    let tg = Tollgate::start(&config(&format!("{body}\n{}", route("bank", &v.url(), "bank"))));
-    tg.wait_ready().await;
+    let tg = start_one("bank", &body, &v.url()).await;
     DpopRig { _dir: dir, key, op, v, tg }
 }
 
@@ -606,8 +611,7 @@ async fn discovery_is_read_again_after_the_token_endpoint_fails() {
         op.issuer(),
         &format!("client_id = \"app\"\nclient_secret = \"{SECRET}\"\nclient_auth = \"client_secret_basic\""),
     );
-    let tg = Tollgate::start(&config(&format!("{body}\n{}", route("app", &v.url(), "app"))));
-    tg.wait_ready().await;
+    let tg = start_one("app", &body, &v.url()).await;
     let reads = || tg.logs().matches("discovery metadata read").count();
     assert_eq!(reads(), 1, "read once at start");
     let refresh = || {

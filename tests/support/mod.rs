@@ -22,6 +22,12 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
 /// One provider `p` (its `[providers.p]` table in `provider`), one catch-all route `api`
 /// to `upstream` (plus `route_extra` keys), and a file store in the test's directory.
 pub fn file_store_config(provider: &str, upstream: &Upstream, route_extra: &str) -> String {
+    store_file_config("{DIR}/tokens.json", "p", provider, upstream, route_extra)
+}
+
+/// Like [`file_store_config`], with the store file at `store` (several processes may share
+/// it) and the route's provider named `name`.
+pub fn store_file_config(store: &str, name: &str, provider: &str, upstream: &Upstream, route_extra: &str) -> String {
     format!(
         r#"
 [proxy]
@@ -31,13 +37,13 @@ token_wait = "1s"
 listen = "{{ADMIN}}"
 [store]
 kind = "file"
-path = "{{DIR}}/tokens.json"
+path = "{store}"
 {provider}
 [[routes]]
 name = "api"
 path_prefix = "/"
 upstream = "{up}"
-provider = "p"
+provider = "{name}"
 {route_extra}
 "#,
         up = upstream.url()
