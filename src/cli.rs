@@ -136,7 +136,7 @@ pub fn describe(s: &Settings) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "proxy: listen {} threads {} token_wait {:?} shutdown_timeout {:?} allow_from {}",
+        "proxy: listen {} threads {} token_wait {:?} shutdown_timeout {:?} allow_from {} fast_path {}",
         s.proxy.listen,
         s.proxy.threads,
         s.proxy.token_wait,
@@ -146,6 +146,7 @@ pub fn describe(s: &Settings) -> String {
         } else {
             format!("[{}]", s.proxy.allow_from.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", "))
         },
+        if s.proxy.fast_path { "on" } else { "off" },
     );
     let _ = writeln!(
         out,

@@ -119,6 +119,10 @@ pub struct ProxyConfig {
     /// before the far end forgets it and a request is never sent into a dead one.
     #[serde(default = "default_upstream_idle_timeout", with = "humantime_serde")]
     pub upstream_idle_timeout: Duration,
+    /// Serve plain HTTP/1 requests on tollgate's own strict fast path (issue 13), handing
+    /// everything else to pingora. Off until the fast path carries every feature.
+    #[serde(default)]
+    pub fast_path: bool,
 }
 
 fn default_dns_refresh_min() -> Duration {
@@ -152,6 +156,7 @@ impl Default for ProxyConfig {
             upstream_dns_refresh_min: default_dns_refresh_min(),
             upstream_dns_refresh_max: default_dns_refresh_max(),
             upstream_idle_timeout: default_upstream_idle_timeout(),
+            fast_path: false,
         }
     }
 }

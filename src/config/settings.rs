@@ -73,6 +73,8 @@ pub struct ProxySettings {
     pub upstream_dns_refresh_min: Duration,
     pub upstream_dns_refresh_max: Duration,
     pub upstream_idle_timeout: Duration,
+    /// Plain HTTP/1 requests take `fastpath` instead of pingora-proxy (read per connection).
+    pub fast_path: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]

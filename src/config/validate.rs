@@ -121,6 +121,7 @@ impl Validator<'_> {
                 .nonzero("proxy.upstream_dns_refresh_min", raw.proxy.upstream_dns_refresh_min)?,
             upstream_dns_refresh_max: raw.proxy.upstream_dns_refresh_max,
             upstream_idle_timeout: self.nonzero("proxy.upstream_idle_timeout", raw.proxy.upstream_idle_timeout)?,
+            fast_path: raw.proxy.fast_path,
         };
         if proxy.upstream_dns_refresh_max < proxy.upstream_dns_refresh_min {
             return Err(
