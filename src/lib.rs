@@ -17,6 +17,7 @@ pub mod checks;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod fastpath;
 pub mod gateway;
 pub mod jose;
 pub mod login;

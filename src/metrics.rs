@@ -16,6 +16,7 @@ pub struct Metrics {
     pub token_fetch_consecutive_failures: IntGaugeVec,
     pub provider_awaiting_code: IntGaugeVec,
     pub token_unavailable_total: IntCounterVec,
+    pub fastpath_total: IntCounterVec,
     pub requests_total: IntCounterVec,
     pub upstream_duration: HistogramVec,
     pub config_reload_total: IntCounterVec,
@@ -99,6 +100,11 @@ impl Metrics {
                 "tollgate_token_unavailable_total",
                 "Requests answered 503 because no valid token could be had in time.",
                 &["provider"],
+            ),
+            fastpath_total: counter(
+                "tollgate_fastpath_total",
+                "Requests (path=fast) and connections handed to pingora (path=pingora), by reason.",
+                &["path", "reason"],
             ),
             requests_total: counter(
                 "tollgate_requests_total",
