@@ -1,25 +1,44 @@
 //! A strict HTTP/1 fast path beside pingora (issue 13), PROTOTYPE.
 //!
 //! `FastPathApp` is the listening service's `ServerApp`: it owns every accepted
-//! connection and, for now, hands each one whole to pingora's `HttpProxy` app, which runs
-//! its own keep-alive loop. Later steps serve plain requests here and delegate the rest
-//! (after `rewind`ing the bytes already read), so pingora stays the path for everything
-//! the fast path does not implement.
+//! connection, reads the first request head itself and classifies it ([`parse`]). A
+//! request that is not plain, and for now every request, is handed to pingora's
+//! `HttpProxy` app with the bytes already read put back (`rewind`), for the rest of the
+//! connection; pingora runs its own keep-alive loop from there.
+
+pub mod parse;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
+use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::Stream;
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
+use tokio::io::AsyncReadExt;
 
 use crate::gateway::Gateway;
 use crate::proxy::TollgateProxy;
+use parse::Parsed;
+
+/// pingora's own wait for the first request head and between keep-alive requests.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct FastPathApp {
     gateway: Arc<Gateway>,
     pingora: Arc<HttpProxy<TollgateProxy>>,
+}
+
+/// How reading a request head ended.
+enum Head {
+    /// `buf[..n]` holds a complete plain head (and perhaps body bytes after it).
+    Plain(parse::Head),
+    /// Not plain (reason): the bytes read go back to the stream and pingora takes over.
+    Delegate(&'static str),
+    /// Closed, timed out, or shutdown while idle: drop the connection silently.
+    Gone,
 }
 
 impl FastPathApp {
@@ -28,8 +47,40 @@ impl FastPathApp {
     }
 
     /// The whole connection goes to pingora, keep-alive loop included.
-    async fn delegate(&self, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+    async fn delegate(&self, stream: Stream, shutdown: &ShutdownWatch, reason: &'static str) -> Option<Stream> {
+        crate::metrics::get().fastpath_total.with_label_values(&["pingora", reason]).inc();
         ServerApp::process_new(&self.pingora, stream, shutdown).await
+    }
+}
+
+/// Read until `buf` holds a complete request head, the head is known not to be plain,
+/// the peer closes, the wait times out, or shutdown begins while nothing was read.
+async fn read_head(conn: &mut L4Stream, buf: &mut Vec<u8>, shutdown: &ShutdownWatch) -> Head {
+    let mut shutdown = shutdown.clone();
+    let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
+    loop {
+        if !buf.is_empty() {
+            match parse::parse(buf) {
+                Parsed::Partial => {}
+                Parsed::Plain(h) => return Head::Plain(h),
+                Parsed::NotPlain(why) => return Head::Delegate(why),
+            }
+        }
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(4096);
+        }
+        let idle = buf.is_empty();
+        let read = tokio::select! {
+            r = tokio::time::timeout_at(deadline, conn.read_buf(buf)) => r,
+            _ = shutdown.wait_for(|down| *down), if idle => return Head::Gone,
+        };
+        match read {
+            Ok(Ok(0)) if idle => return Head::Gone,
+            // Closed or timed out mid-head: pingora decides what that gets.
+            Ok(Ok(0)) | Err(_) if !idle => return Head::Delegate("incomplete"),
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) | Err(_) => return Head::Gone,
+        }
     }
 }
 
@@ -37,9 +88,25 @@ impl FastPathApp {
 impl ServerApp for FastPathApp {
     async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
         // Read per connection, so a reload switches it for new connections.
-        let _on = self.gateway.active().settings.proxy.fast_path;
-        crate::metrics::get().fastpath_total.with_label_values(&["pingora", "all"]).inc();
-        self.delegate(stream, shutdown).await
+        if !self.gateway.active().settings.proxy.fast_path {
+            return self.delegate(stream, shutdown, "off").await;
+        }
+        // `rewind` is on the concrete plain-TCP stream only (TLS listeners hand another type).
+        if !stream.as_any().is::<L4Stream>() {
+            return self.delegate(stream, shutdown, "not_tcp").await;
+        }
+        let Ok(mut conn) = stream.into_any().downcast::<L4Stream>() else {
+            return None; // checked just above
+        };
+        let mut buf = Vec::with_capacity(8192);
+        let reason = match read_head(&mut conn, &mut buf, shutdown).await {
+            Head::Gone => return None,
+            Head::Delegate(why) => why,
+            // Step 3 of the prototype: plain requests are recognised but still delegated.
+            Head::Plain(_) => "plain_unserved",
+        };
+        conn.rewind(&buf);
+        self.delegate(conn, shutdown, reason).await
     }
 
     /// pingora calls `cleanup` on the service's app only; `HttpProxy` needs its own to end
