@@ -94,7 +94,7 @@ pub fn run(settings: Settings, config_path: Option<PathBuf>, rt: tokio::runtime:
         // Our own ServerApp owns the connections and delegates to pingora's HttpProxy.
         let conf = Arc::clone(&server.configuration);
         let pingora = Arc::new(pingora::proxy::http_proxy(&conf, TollgateProxy { gateway: Arc::clone(&gateway) }));
-        let app = crate::fastpath::FastPathApp::new(Arc::clone(&gateway), pingora);
+        let app = crate::fastpath::FastPathApp::new(Arc::clone(&gateway), pingora, &conf);
         let mut service = pingora::services::listening::Service::new("tollgate proxy".to_string(), app);
         service.add_tcp(&proxy_listen.to_string());
         server.add_service(service);

@@ -1,18 +1,24 @@
 //! A strict HTTP/1 fast path beside pingora (issue 13), PROTOTYPE.
 //!
 //! `FastPathApp` is the listening service's `ServerApp`: it owns every accepted
-//! connection, reads the first request head itself and classifies it ([`parse`]). A
-//! request that is not plain, and for now every request, is handed to pingora's
-//! `HttpProxy` app with the bytes already read put back (`rewind`), for the rest of the
-//! connection; pingora runs its own keep-alive loop from there.
+//! connection, reads each request head itself and classifies it ([`parse`]). Plain
+//! requests on routes whose features it implements are served here ([`forward`]); the
+//! first request that is not is handed to pingora's `HttpProxy` app with the bytes
+//! already read put back (`rewind`), for the rest of the connection; pingora runs its
+//! own keep-alive loop from there.
 
+mod forward;
+pub mod framing;
 pub mod parse;
+mod pool;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
+use pingora::connectors::{ConnectorOptions, TransportConnector};
+use pingora::server::configuration::ServerConf;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::Stream;
 use pingora::proxy::HttpProxy;
@@ -29,6 +35,9 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct FastPathApp {
     gateway: Arc<Gateway>,
     pingora: Arc<HttpProxy<TollgateProxy>>,
+    /// pingora's connector, used for `new_stream` only (connect, timeouts, TLS); its own
+    /// pool is not used (see [`pool`]).
+    connector: TransportConnector,
 }
 
 /// How reading a request head ended.
@@ -42,8 +51,9 @@ enum Head {
 }
 
 impl FastPathApp {
-    pub fn new(gateway: Arc<Gateway>, pingora: Arc<HttpProxy<TollgateProxy>>) -> Self {
-        FastPathApp { gateway, pingora }
+    pub fn new(gateway: Arc<Gateway>, pingora: Arc<HttpProxy<TollgateProxy>>, conf: &ServerConf) -> Self {
+        let connector = TransportConnector::new(Some(ConnectorOptions::from_server_conf(conf)));
+        FastPathApp { gateway, pingora, connector }
     }
 
     /// The whole connection goes to pingora, keep-alive loop included.
@@ -99,11 +109,20 @@ impl ServerApp for FastPathApp {
             return None; // checked just above
         };
         let mut buf = Vec::with_capacity(8192);
-        let reason = match read_head(&mut conn, &mut buf, shutdown).await {
-            Head::Gone => return None,
-            Head::Delegate(why) => why,
-            // Step 3 of the prototype: plain requests are recognised but still delegated.
-            Head::Plain(_) => "plain_unserved",
+        // Requests are served in order, pipelined ones included (pingora would answer the
+        // first and drop the rest); the first one not served here hands the connection over.
+        let reason = loop {
+            let head = match read_head(&mut conn, &mut buf, shutdown).await {
+                Head::Gone => return None,
+                Head::Delegate(why) => break why,
+                Head::Plain(h) => h,
+            };
+            let down = *shutdown.borrow();
+            match forward::serve(self, &mut conn, &mut buf, &head, down).await {
+                forward::Outcome::KeepAlive => {}
+                forward::Outcome::Close => return None,
+                forward::Outcome::Delegate(why) => break why,
+            }
         };
         conn.rewind(&buf);
         self.delegate(conn, shutdown, reason).await

@@ -107,6 +107,11 @@ pub fn parse(buf: &[u8]) -> Parsed {
     if !target.starts_with('/') {
         return Parsed::NotPlain("target_form");
     }
+    // Visible ASCII that `http::Uri` takes as is: pingora percent-encodes anything else
+    // and routes on the result, so such targets go to it.
+    if !target.bytes().all(|b| b.is_ascii_graphic() && !b"\"<>\\^`{|}".contains(&b)) {
+        return Parsed::NotPlain("target_chars");
+    }
     let span = |s: &[u8]| {
         let start = s.as_ptr() as usize - buf.as_ptr() as usize;
         start..start + s.len()
@@ -269,6 +274,8 @@ mod tests {
             b"\r\nGET /a HTTP/1.1\r\nHost: x\r\n\r\n",
             b"GET /a HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n",
             b"GET /a HTTP/1.1\r\nHost: \r\n\r\n",
+            b"GET /a{b} HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /a\xc3\xa9 HTTP/1.1\r\nHost: x\r\n\r\n",
         ];
         for raw in cases {
             not_plain(raw);

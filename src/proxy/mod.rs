@@ -171,35 +171,7 @@ impl ProxyHttp for TollgateProxy {
             }
             Err(why) => {
                 metrics::get().token_unavailable_total.with_label_values(&[cell.name()]).inc();
-                let provider = cell.name();
-                let (body, retry) = match why {
-                    Unavailable::AwaitingCode => (
-                        json!({
-                            "error": "login_required",
-                            "provider": provider,
-                            "message": format!("provider `{provider}` needs a one-time code; run `tollgate login {provider}`"),
-                        }),
-                        30,
-                    ),
-                    Unavailable::Timeout => (
-                        json!({
-                            "error": "token_unavailable",
-                            "provider": provider,
-                            "reason": "timeout",
-                            "message": format!("no valid token for provider `{provider}` within {} ms", ctx.token_wait.as_millis()),
-                        }),
-                        1,
-                    ),
-                    Unavailable::Failed { class, retry_in } => (
-                        json!({
-                            "error": "token_unavailable",
-                            "provider": provider,
-                            "reason": class.as_str(),
-                            "message": format!("the identity provider for `{provider}` is failing ({class}); next attempt in {} ms", retry_in.as_millis()),
-                        }),
-                        retry_in.as_secs_f64().ceil() as u64,
-                    ),
-                };
+                let (body, retry) = token_unavailable(cell.name(), &why, ctx.token_wait);
                 respond::json(session, 503, &body, Some(retry)).await?;
                 Ok(true)
             }
@@ -549,6 +521,39 @@ impl ProxyHttp for TollgateProxy {
     }
 }
 
+/// The 503 JSON body and Retry-After seconds when `provider` has no token for a request
+/// (shared by pingora's filters and the fast path, so clients need one parser).
+pub(crate) fn token_unavailable(provider: &str, why: &Unavailable, token_wait: Duration) -> (serde_json::Value, u64) {
+    match why {
+        Unavailable::AwaitingCode => (
+            json!({
+                "error": "login_required",
+                "provider": provider,
+                "message": format!("provider `{provider}` needs a one-time code; run `tollgate login {provider}`"),
+            }),
+            30,
+        ),
+        Unavailable::Timeout => (
+            json!({
+                "error": "token_unavailable",
+                "provider": provider,
+                "reason": "timeout",
+                "message": format!("no valid token for provider `{provider}` within {} ms", token_wait.as_millis()),
+            }),
+            1,
+        ),
+        Unavailable::Failed { class, retry_in } => (
+            json!({
+                "error": "token_unavailable",
+                "provider": provider,
+                "reason": class.as_str(),
+                "message": format!("the identity provider for `{provider}` is failing ({class}); next attempt in {} ms", retry_in.as_millis()),
+            }),
+            retry_in.as_secs_f64().ceil() as u64,
+        ),
+    }
+}
+
 /// Whether a failed attempt is tried again. `pingora_says` is pingora's verdict for an
 /// idempotent request (a reused connection that closed or reset before any byte of the
 /// response, which is what an upstream or load balancer that dropped an idle connection
@@ -590,22 +595,33 @@ fn is_json(resp: &ResponseHeader) -> bool {
 }
 
 /// RFC 9449's proof header.
-const DPOP: &str = "dpop";
+pub(crate) const DPOP: &str = "dpop";
 
 /// A DPoP proof for this request (RFC 9449 section 4.2): `htu` is the URI the upstream
 /// sees (its scheme, the Host sent to it, the path after rewriting), without query and
 /// fragment; the nonce is the upstream origin's latest.
 fn dpop_proof(req: &RequestHeader, route: &RouteEntry, d: &crate::token::DpopBinding) -> http::HeaderValue {
     let authority = req.headers.get(HOST).unwrap_or(&route.spec.upstream.authority);
-    let authority = String::from_utf8_lossy(authority.as_bytes());
+    dpop_proof_for(req.method.as_str(), authority.as_bytes(), req.uri.path(), route, d)
+}
+
+/// [`dpop_proof`] from the parts of the request the upstream sees (the fast path has no
+/// `RequestHeader`).
+pub(crate) fn dpop_proof_for(
+    method: &str,
+    authority: &[u8],
+    path: &str,
+    route: &RouteEntry,
+    d: &crate::token::DpopBinding,
+) -> http::HeaderValue {
+    let authority = String::from_utf8_lossy(authority);
     let scheme = if route.spec.upstream.tls { "https://" } else { "http://" };
-    let path = req.uri.path();
     let mut htu = String::with_capacity(scheme.len() + authority.len() + path.len());
     htu.push_str(scheme);
     htu.push_str(&authority);
     htu.push_str(path);
     let nonce = route.dpop_nonce.load();
-    d.key.proof(req.method.as_str(), &htu, Some(&d.ath), nonce.as_deref().map(String::as_str))
+    d.key.proof(method, &htu, Some(&d.ath), nonce.as_deref().map(String::as_str))
 }
 
 /// Keep the upstream's `DPoP-Nonce`, which it may send on any answer (RFC 9449 section
@@ -613,6 +629,11 @@ fn dpop_proof(req: &RequestHeader, route: &RouteEntry, d: &crate::token::DpopBin
 /// (now the origin's current one): only then can a replay succeed.
 fn remember_dpop_nonce(resp: &ResponseHeader, route: &RouteEntry) -> bool {
     let Some(n) = resp.headers.get("dpop-nonce").and_then(|v| v.to_str().ok()) else { return false };
+    remember_dpop_nonce_value(n, route)
+}
+
+/// [`remember_dpop_nonce`] for one `DPoP-Nonce` value.
+pub(crate) fn remember_dpop_nonce_value(n: &str, route: &RouteEntry) -> bool {
     // RFC 9449 section 8.1: a nonce is printable ASCII without spaces or quotes.
     if n.is_empty() || n.len() > 512 || !n.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\') {
         return false;
@@ -625,7 +646,7 @@ fn remember_dpop_nonce(resp: &ResponseHeader, route: &RouteEntry) -> bool {
 
 /// The `error` label of `tollgate_upstream_challenges_total`: the codes tollgate acts on,
 /// anything else as `other` (an upstream cannot create label values).
-fn challenge_label(error: Option<&str>) -> &'static str {
+pub(crate) fn challenge_label(error: Option<&str>) -> &'static str {
     match error {
         None => "none",
         Some("invalid_token") => "invalid_token",
@@ -637,7 +658,7 @@ fn challenge_label(error: Option<&str>) -> &'static str {
 }
 
 /// Marks tollgate's own session probe (so a rejected probe does not probe again).
-const PROBE_HEADER: &str = "x-tollgate-probe";
+pub(crate) const PROBE_HEADER: &str = "x-tollgate-probe";
 
 /// The `error` parameter of an RFC 6750 challenge (`WWW-Authenticate: Bearer
 /// error="invalid_token"`, also under the `DPoP` scheme), lower-cased. Only parameters
@@ -646,7 +667,7 @@ fn bearer_error(resp: &ResponseHeader) -> Option<String> {
     resp.headers.get_all(http::header::WWW_AUTHENTICATE).iter().find_map(|v| challenge_error(v.as_bytes()))
 }
 
-fn challenge_error(raw: &[u8]) -> Option<String> {
+pub(crate) fn challenge_error(raw: &[u8]) -> Option<String> {
     let lower = raw.to_ascii_lowercase();
     // The same bytes with quoted strings blanked out, so that offsets stay the same.
     let mut top = lower.clone();
