@@ -135,3 +135,56 @@ async fn no_token_is_the_same_503_json_as_on_pingoras_path() {
     assert_eq!(upstream.count(), 0);
     assert_eq!(served_fast(&tg).await, 0.0, "a 503 is not a served request");
 }
+
+/// tests/upstream_pool.rs's forgotten-connection case on the fast path: a GET that meets
+/// a connection the far end forgot is sent again on a new one; a sent POST is not (502).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_that_meets_a_forgotten_pooled_connection_is_retried_when_safe() {
+    use tollgate_testkit::upstream::{RawBehaviour, RawUpstream};
+    let (idp, _upstream, _ledger) = oauth2_doubles(IdpConfig::default()).await;
+    let up = RawUpstream::start(RawBehaviour::ForgetIdleAfter(Duration::from_millis(300))).await.unwrap();
+    let tg = Tollgate::start(&format!(
+        r#"
+[proxy]
+listen = "{{PROXY}}"
+upstream_idle_timeout = "10s"
+fast_path = true
+
+[admin]
+listen = "{{ADMIN}}"
+
+[providers.backend]
+kind = "oauth2"
+token_url = "{token_url}"
+client_id = "abc123"
+client_secret = "456789"
+
+[[routes]]
+name = "raw"
+upstream = "{upstream}"
+provider = "backend"
+retry_on_status = []
+"#,
+        token_url = idp.url(),
+        upstream = up.url(),
+    ));
+    tg.wait_ready().await;
+    let c = client();
+    assert_eq!(c.get(tg.url("/warm")).send().await.unwrap().status(), 200);
+    assert_eq!(c.get(tg.url("/warm2")).send().await.unwrap().status(), 200);
+    assert_eq!(up.connections(), 1, "back-to-back requests share one pooled connection");
+
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let r = c.get(tg.url("/after-quiet")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "logs:\n{}", tg.logs());
+    assert_eq!(up.resets(), 1, "the GET met the forgotten connection first");
+    assert_eq!(up.seen().iter().filter(|s| s.target == "/after-quiet").count(), 1);
+
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let r = c.post(tg.url("/pay")).body("once").send().await.unwrap();
+    assert_eq!(r.status(), 502, "a sent POST is never replayed");
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "bad_gateway");
+    assert_eq!(up.resets(), 2);
+    assert_eq!(served_fast(&tg).await, 3.0, "the 502 is not counted as served");
+}

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pingora::protocols::l4::stream::Stream as L4Stream;
+use pingora::protocols::GetSocketDigest;
 use pingora::protocols::Stream;
 use pingora::upstreams::peer::HttpPeer;
 use serde_json::json;
-use pingora::protocols::GetSocketDigest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::framing::{Chunked, Feed};
@@ -37,10 +37,13 @@ const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// Wait for the next bytes of a client request body (pingora's default read timeout).
 const CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Fields of the client's request never forwarded (hop-by-hop, or meant for tollgate).
-const DROPPED: [&[u8]; 4] = [b"connection", b"keep-alive", b"proxy-authorization", b"x-tollgate-probe"];
-/// Fields of the upstream's answer replaced or dropped on the way to the client.
-const DROPPED_RESPONSE: [&[u8]; 5] = [b"connection", b"keep-alive", b"proxy-connection", b"date", b"transfer-encoding"];
+/// Fields of the client's request never forwarded: pingora's hop-by-hop list
+/// (`proxy_common::strip_standard_hop_by_hop_headers`; the others there delegate) and
+/// tollgate's probe marker.
+const DROPPED: [&[u8]; 5] =
+    [b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"x-tollgate-probe"];
+/// Fields of the upstream's answer pingora replaces (Date, Connection) or re-frames.
+const DROPPED_RESPONSE: [&[u8]; 3] = [b"connection", b"date", b"transfer-encoding"];
 
 pub async fn serve(app: &FastPathApp, conn: &mut L4Stream, buf: &mut Vec<u8>, head: &Head, down: bool) -> Outcome {
     let active = app.gateway.active();
@@ -145,8 +148,7 @@ pub async fn serve(app: &FastPathApp, conn: &mut L4Stream, buf: &mut Vec<u8>, he
         }
     }
     if matches!(status, 401 | 403) {
-        let challenge =
-            resp.all(&rbuf, b"www-authenticate").find_map(tproxy::challenge_error);
+        let challenge = resp.all(&rbuf, b"www-authenticate").find_map(tproxy::challenge_error);
         metrics::get()
             .upstream_challenges_total
             .with_label_values(&[&spec.name, tproxy::challenge_label(challenge.as_deref())])
@@ -173,7 +175,9 @@ pub async fn serve(app: &FastPathApp, conn: &mut L4Stream, buf: &mut Vec<u8>, he
     };
     let upstream_keeps = resp.minor == 1
         && framing != Framing::Close
-        && !resp.all(&rbuf, b"connection").any(|v| v.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close")));
+        && !resp
+            .all(&rbuf, b"connection")
+            .any(|v| v.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close")));
 
     // The answer's head, as pingora writes it: upstream fields, then Date and Connection.
     let mut out = Vec::with_capacity(resp.len + 64);
@@ -185,6 +189,10 @@ pub async fn serve(app: &FastPathApp, conn: &mut L4Stream, buf: &mut Vec<u8>, he
     for (n, v) in &resp.fields {
         let name = &rbuf[n.clone()];
         if DROPPED_RESPONSE.iter().any(|d| name.eq_ignore_ascii_case(d)) {
+            continue;
+        }
+        // Transfer-Encoding overrides a length (RFC 9112 §6.3); pingora drops the length too.
+        if framing == Framing::Chunked && name.eq_ignore_ascii_case(b"content-length") {
             continue;
         }
         push_field(&mut out, name, &rbuf[v.clone()]);
@@ -251,8 +259,7 @@ fn upstream_head(spec: &RouteSpec, route: &RouteEntry, token: &ActiveToken, head
             push_field(&mut out, name, &buf[v.clone()]);
         }
     }
-    let authority: &[u8] =
-        if spec.preserve_host { head.host(buf) } else { spec.upstream.authority.as_bytes() };
+    let authority: &[u8] = if spec.preserve_host { head.host(buf) } else { spec.upstream.authority.as_bytes() };
     if !spec.preserve_host {
         push_field(&mut out, b"Host", authority);
     }
@@ -359,7 +366,10 @@ struct RespHead {
 
 impl RespHead {
     fn all<'b>(&'b self, buf: &'b [u8], name: &'b [u8]) -> impl Iterator<Item = &'b [u8]> + 'b {
-        self.fields.iter().filter(move |(n, _)| buf[n.clone()].eq_ignore_ascii_case(name)).map(move |(_, v)| &buf[v.clone()])
+        self.fields
+            .iter()
+            .filter(move |(n, _)| buf[n.clone()].eq_ignore_ascii_case(name))
+            .map(move |(_, v)| &buf[v.clone()])
     }
     fn header<'b>(&'b self, buf: &'b [u8], name: &'b [u8]) -> Option<&'b [u8]> {
         self.all(buf, name).next()
@@ -494,26 +504,24 @@ async fn relay_body(
                 pending = &chunk[..n];
             }
         }
-        Framing::Close => {
-            loop {
-                if !pending.is_empty() {
-                    head.extend_from_slice(format!("{:x}\r\n", pending.len()).as_bytes());
-                    head.extend_from_slice(pending);
-                    head.extend_from_slice(b"\r\n");
-                }
-                write_all_flush(conn, &head).await.map_err(|_| ())?;
-                head.clear();
-                if chunk.is_empty() {
-                    chunk = vec![0u8; 64 * 1024];
-                }
-                let n = read_up(up, &mut chunk, timeout).await?;
-                if n == 0 {
-                    write_all_flush(conn, b"0\r\n\r\n").await.map_err(|_| ())?;
-                    return Ok(false);
-                }
-                pending = &chunk[..n];
+        Framing::Close => loop {
+            if !pending.is_empty() {
+                head.extend_from_slice(format!("{:x}\r\n", pending.len()).as_bytes());
+                head.extend_from_slice(pending);
+                head.extend_from_slice(b"\r\n");
             }
-        }
+            write_all_flush(conn, &head).await.map_err(|_| ())?;
+            head.clear();
+            if chunk.is_empty() {
+                chunk = vec![0u8; 64 * 1024];
+            }
+            let n = read_up(up, &mut chunk, timeout).await?;
+            if n == 0 {
+                write_all_flush(conn, b"0\r\n\r\n").await.map_err(|_| ())?;
+                return Ok(false);
+            }
+            pending = &chunk[..n];
+        },
     }
 }
 
@@ -525,7 +533,12 @@ async fn read_up(up: &mut Stream, into: &mut [u8], timeout: Duration) -> Result<
 }
 
 /// tollgate's own JSON answer, as `proxy::respond::json` writes it through pingora.
-async fn write_json(conn: &mut L4Stream, status: u16, body: &serde_json::Value, retry_after: Option<u64>) -> std::io::Result<()> {
+async fn write_json(
+    conn: &mut L4Stream,
+    status: u16,
+    body: &serde_json::Value,
+    retry_after: Option<u64>,
+) -> std::io::Result<()> {
     let body = body.to_string();
     let reason = http::StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()).unwrap_or("");
     let mut out = Vec::with_capacity(256 + body.len());
@@ -561,7 +574,15 @@ async fn bad_gateway(
 }
 
 /// Metrics and the access log line, as `TollgateProxy::logging` writes them.
-fn finish(route: &RouteEntry, head: &Head, buf: &[u8], status: u16, started: Instant, token: Option<&ActiveToken>, access_log: bool) {
+fn finish(
+    route: &RouteEntry,
+    head: &Head,
+    buf: &[u8],
+    status: u16,
+    started: Instant,
+    token: Option<&ActiveToken>,
+    access_log: bool,
+) {
     let elapsed = started.elapsed();
     route.metrics.count(status);
     route.metrics.duration.observe(elapsed.as_secs_f64());

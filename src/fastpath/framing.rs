@@ -5,12 +5,21 @@
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     /// Reading the size digits (`digits` so far).
-    Size { size: u64, digits: u8 },
+    Size {
+        size: u64,
+        digits: u8,
+    },
     /// After `;`: a chunk extension, up to CR.
-    Ext { size: u64 },
+    Ext {
+        size: u64,
+    },
     /// CR of the size line seen; LF expected.
-    SizeLf { size: u64 },
-    Data { left: u64 },
+    SizeLf {
+        size: u64,
+    },
+    Data {
+        left: u64,
+    },
     DataCr,
     DataLf,
     /// Start of a trailer line (or the final CRLF).

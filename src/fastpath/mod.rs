@@ -18,10 +18,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
 use pingora::connectors::{ConnectorOptions, TransportConnector};
-use pingora::server::configuration::ServerConf;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::Stream;
 use pingora::proxy::HttpProxy;
+use pingora::server::configuration::ServerConf;
 use pingora::server::ShutdownWatch;
 use tokio::io::AsyncReadExt;
 
