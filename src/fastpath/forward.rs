@@ -32,6 +32,8 @@ pub enum Outcome {
     Delegate(&'static str),
 }
 
+/// pingora's retry buffer (`v1/common.rs`): bodies up to this size can be replayed.
+const RETRY_BUFFER: usize = 64 * 1024;
 /// Largest upstream response head read.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// Wait for the next bytes of a client request body (pingora's default read timeout).
@@ -63,11 +65,6 @@ pub async fn serve(app: &FastPathApp, conn: &mut L4Stream, buf: &mut Vec<u8>, he
     let Some(cell) = route.cell.clone() else { return Outcome::Delegate("no_provider") };
     if spec.upstream.tls {
         return Outcome::Delegate("tls_upstream");
-    }
-    if !spec.retry_on_status.is_empty() {
-        // 401 invalidate-and-replay is not implemented here, and cannot be decided
-        // after the request went upstream.
-        return Outcome::Delegate("replay");
     }
     if spec.graphql_unauthenticated || spec.session_probe.is_some() {
         return Outcome::Delegate("route_feature");
@@ -102,60 +99,88 @@ pub async fn serve(app: &FastPathApp, conn: &mut L4Stream, buf: &mut Vec<u8>, he
     let mut attempt = resolve::Attempt::default();
     let Some(ip) = route.upstream.pick(&mut attempt) else { return Outcome::Delegate("no_address") };
     let addr = SocketAddr::new(ip, spec.upstream.port);
-    let up_head = upstream_head(spec, &route, &token, head, buf);
     let body_len = head.content_length.unwrap_or(0);
+    // A body within pingora's retry buffer is read whole first, so the request can be
+    // replayed after a token rejection; a larger one is streamed and never replayed.
+    if body_len <= RETRY_BUFFER as u64 && ((buf.len() - head.len) as u64) < body_len {
+        let want = head.len + body_len as usize;
+        if read_at_least(conn, buf, want).await.is_err() {
+            return Outcome::Close;
+        }
+    }
     let in_buf = (buf.len() - head.len).min(usize::try_from(body_len).unwrap_or(usize::MAX));
     let streamed = body_len > in_buf as u64;
-    let whole_request = [&up_head[..], &buf[head.len..head.len + in_buf]].concat();
-
     // A pooled connection the upstream closed meanwhile fails at the first write or read;
     // the request is then sent once more on a new connection, if it is replayable.
     let replayable = !streamed && head.idempotent(buf);
-    let mut pooled = pool::checkout(addr, idle_timeout);
-    let (mut up, resp, rbuf) = loop {
-        let reused = pooled.is_some();
-        let mut up = match pooled.take() {
-            Some(s) => s,
-            None => match connect(app, &route, addr).await {
-                Ok(s) => s,
-                Err(()) => return Outcome::Delegate("connect_failed"),
-            },
-        };
-        if let Err(_e) = write_all_flush(&mut up, &whole_request).await {
-            if reused {
-                continue;
+    let mut token = token;
+    let mut auth_retried = false;
+
+    let (mut up, resp, rbuf) = 'auth: loop {
+        let up_head = upstream_head(spec, &route, &token, head, buf);
+        let whole_request = [&up_head[..], &buf[head.len..head.len + in_buf]].concat();
+        let mut pooled = pool::checkout(addr, idle_timeout);
+        let (up, resp, rbuf) = loop {
+            let reused = pooled.is_some();
+            let mut up = match pooled.take() {
+                Some(s) => s,
+                // Nothing sent yet on the first attempt: pingora may take it from here.
+                None if !auth_retried => match connect(app, &route, addr).await {
+                    Ok(s) => s,
+                    Err(()) => return Outcome::Delegate("connect_failed"),
+                },
+                None => match connect(app, &route, addr).await {
+                    Ok(s) => s,
+                    Err(()) => {
+                        return bad_gateway(conn, &route, head, buf, started, access_log, "ConnectRefused").await
+                    }
+                },
+            };
+            if write_all_flush(&mut up, &whole_request).await.is_err() {
+                if reused {
+                    continue;
+                }
+                return bad_gateway(conn, &route, head, buf, started, access_log, "WriteError").await;
             }
-            return bad_gateway(conn, &route, head, buf, started, access_log, "WriteError").await;
-        }
-        if streamed {
-            if stream_request_body(conn, &mut up, body_len - in_buf as u64).await.is_err() {
+            if streamed && stream_request_body(conn, &mut up, body_len - in_buf as u64).await.is_err() {
                 // The client's body did not arrive whole: nothing sensible can be answered.
                 return Outcome::Close;
             }
+            match read_response_head(&mut up, read_timeout).await {
+                Ok((resp, rbuf)) => break (up, resp, rbuf),
+                Err(RespError::Closed) if reused && replayable => continue,
+                Err(e) => return bad_gateway(conn, &route, head, buf, started, access_log, e.as_str()).await,
+            }
+        };
+        // What the upstream said about the token, decided as on pingora's path.
+        let answer = tproxy::Answer {
+            status: resp.status,
+            dpop_nonce: resp.header(&rbuf, b"dpop-nonce").and_then(|v| std::str::from_utf8(v).ok()),
+            challenges: resp.all(&rbuf, b"www-authenticate").collect(),
+        };
+        let path = String::from_utf8_lossy(head.path(buf));
+        let sent = tproxy::Sent {
+            path: &path,
+            is_probe: head
+                .fields
+                .iter()
+                .any(|(n, _)| buf[n.clone()].eq_ignore_ascii_case(tproxy::PROBE_HEADER.as_bytes())),
+            idempotent: head.idempotent(buf),
+            buffered: !streamed,
+            body_done: true,
+            auth_retried,
+            body_judged_later: false,
+        };
+        // Routes with a session probe are delegated, so `probe` is never asked for here.
+        match tproxy::judge_answer(&route, &cell, &token, &answer, &sent, token_wait, |_| {}).await {
+            tproxy::Verdict::Pass => break 'auth (up, resp, rbuf),
+            tproxy::Verdict::ReplaySameToken => {}
+            tproxy::Verdict::ReplayWith(fresh) => token = fresh,
         }
-        match read_response_head(&mut up, read_timeout).await {
-            Ok((resp, rbuf)) => break (up, resp, rbuf),
-            Err(RespError::Closed) if reused && replayable => continue,
-            Err(e) => return bad_gateway(conn, &route, head, buf, started, access_log, e.as_str()).await,
-        }
+        // The rejected answer is dropped with its connection; the request goes again.
+        auth_retried = true;
     };
-
-    // What the upstream said about the token.
     let status = resp.status;
-    if token.dpop.is_some() {
-        if let Some(n) = resp.header(&rbuf, b"dpop-nonce").and_then(|v| std::str::from_utf8(v).ok()) {
-            tproxy::remember_dpop_nonce_value(n, &route);
-        }
-    }
-    if matches!(status, 401 | 403) {
-        let challenge = resp.all(&rbuf, b"www-authenticate").find_map(tproxy::challenge_error);
-        metrics::get()
-            .upstream_challenges_total
-            .with_label_values(&[&spec.name, tproxy::challenge_label(challenge.as_deref())])
-            .inc();
-    } else if status < 400 {
-        cell.accepted(token.generation);
-    }
 
     let keep_client = !head.close && !down;
     let no_body = head.is_head(buf) || status == 204 || status == 304;
@@ -318,6 +343,20 @@ fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 async fn write_all_flush<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
     w.write_all(bytes).await?;
     w.flush().await
+}
+
+/// Read from the client until `buf` holds `want` bytes.
+async fn read_at_least(conn: &mut L4Stream, buf: &mut Vec<u8>, want: usize) -> std::io::Result<()> {
+    buf.reserve(want.saturating_sub(buf.len()));
+    while buf.len() < want {
+        let n = tokio::time::timeout(CLIENT_BODY_TIMEOUT, conn.read_buf(buf))
+            .await
+            .map_err(|_| std::io::ErrorKind::TimedOut)??;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(())
 }
 
 /// Copy `left` more body bytes from the client to the upstream.

@@ -63,11 +63,14 @@ impl TollgateProxy {
     /// headers and upstream), in the background: if the probe is rejected too, that is
     /// a second path and ends the session; if it succeeds, the suspicion is cleared.
     fn probe(&self, session: &Session, path: &str) {
+        self.probe_with_host(session.req_header().headers.get(HOST).cloned(), path);
+    }
+
+    fn probe_with_host(&self, host: Option<http::HeaderValue>, path: &str) {
         let mut addr = self.gateway.active().settings.proxy.listen;
         if addr.ip().is_unspecified() {
             addr.set_ip(if addr.is_ipv4() { Ipv4Addr::LOCALHOST.into() } else { Ipv6Addr::LOCALHOST.into() });
         }
-        let host = session.req_header().headers.get(HOST).cloned();
         let url = format!("http://{addr}{path}");
         tokio::spawn(async move {
             static CLIENT: std::sync::LazyLock<Option<reqwest::Client>> = std::sync::LazyLock::new(|| {
@@ -247,7 +250,8 @@ impl ProxyHttp for TollgateProxy {
     /// An upstream rejection of the injected token: invalidate that token (by generation,
     /// so concurrent rejections cause one refetch) and replay the request once with a
     /// new one when [`may_replay_after_rejection`] allows it. Otherwise, or when no new
-    /// token comes in time, the upstream's answer passes through untouched.
+    /// token comes in time, the upstream's answer passes through untouched. The decision
+    /// is [`judge_answer`]'s, shared with the fast path.
     async fn upstream_response_filter(
         &self,
         session: &mut Session,
@@ -257,108 +261,42 @@ impl ProxyHttp for TollgateProxy {
         let Some(route) = ctx.route.clone() else { return Ok(()) };
         let (Some(cell), Some(token)) = (&route.cell, ctx.token.clone()) else { return Ok(()) };
         let status = resp.status.as_u16();
-        // Whether this answer carries a nonce: even one another request stored first is
-        // newer than what this request's proof used.
-        let nonce_given = token.dpop.is_some() && remember_dpop_nonce(resp, &route);
-        let challenge = if matches!(status, 401 | 403) { bearer_error(resp) } else { None };
-        if matches!(status, 401 | 403) {
-            metrics::get()
-                .upstream_challenges_total
-                .with_label_values(&[&route.spec.name, challenge_label(challenge.as_deref())])
-                .inc();
-        }
-        if status == 401 && challenge.as_deref() == Some("use_dpop_nonce") && token.dpop.is_some() {
-            // RFC 9449 section 9: not a rejection of the token; the proof lacked the
-            // server's nonce, which came with this answer. One replay with it.
-            let idempotent = session.req_header().method.is_idempotent();
-            let replay = nonce_given
-                && !ctx.auth_retried
-                && may_replay_after_rejection(
-                    status,
-                    idempotent,
-                    !session.retry_buffer_truncated(),
-                    session.is_body_done(),
-                );
-            if replay {
-                ctx.auth_retried = true;
-                ctx.auth_retry_pending = true;
-                let mut e =
-                    Error::explain(ErrorType::HTTPStatus(status), "upstream asked for a DPoP nonce; replaying with it");
-                e.set_retry(true);
-                return Err(e);
-            }
-            warn!(route = %route.spec.name, provider = %cell.name(), "upstream asked for a DPoP nonce again or without one; passing its answer through");
-            return Ok(());
-        }
         if route.spec.graphql_unauthenticated && status == 200 && is_json(resp) {
             ctx.graphql_body = Some(bytes::BytesMut::new());
         }
-        if !route.spec.retry_on_status.contains(&status) {
-            // A GraphQL 200 may still say UNAUTHENTICATED: that is decided with its body.
-            if status < 400 && ctx.graphql_body.is_none() {
-                cell.accepted(token.generation);
-            }
-            return Ok(());
-        }
-        if challenge.as_deref() == Some("invalid_dpop_proof") && token.dpop.is_some() {
-            // RFC 9449 section 7.1: the proof was refused, not the token (a clock apart,
-            // an `htu` the upstream sees otherwise). A new token would be refused the
-            // same way; the answer passes through and the token stays.
-            warn!(route = %route.spec.name, provider = %cell.name(), status, "upstream refused the DPoP proof (invalid_dpop_proof); passing it through, the token stays");
-            return Ok(());
-        }
-        if challenge.as_deref() == Some("insufficient_scope") {
-            // RFC 6750: the token is fine, the request needs more than it grants. Renewing
-            // it would change nothing; the answer passes through untouched.
-            metrics::get().upstream_insufficient_scope_total.with_label_values(&[&route.spec.name]).inc();
-            warn!(route = %route.spec.name, provider = %cell.name(), status, "upstream: insufficient_scope; passing it through, the token stays");
-            return Ok(());
-        }
-        metrics::get().upstream_auth_rejected_total.with_label_values(&[&route.spec.name]).inc();
-        if cell.human_only() && challenge.as_deref() != Some("invalid_token") {
-            let path = session.req_header().uri.path().to_string();
-            match cell.suspect(token.generation, &path) {
-                Suspicion::Suspected => {
-                    warn!(route = %route.spec.name, provider = %cell.name(), status, path = %path, "upstream rejected a token only a human can renew; one rejection is only a suspicion, the token stays");
-                    let is_probe = session.req_header().headers.contains_key(PROBE_HEADER);
-                    if let (Some(probe), false) = (&route.spec.session_probe, is_probe) {
-                        if cell.probe_due() {
-                            self.probe(session, probe);
-                        }
-                    }
-                    return Ok(());
-                }
-                Suspicion::Dead => {
-                    warn!(route = %route.spec.name, provider = %cell.name(), "a second path rejected the token with no success in between: the session is over");
-                }
-            }
-        }
-        let invalidated = cell.invalidate(token.generation, route.reauth_min_interval);
-        warn!(route = %route.spec.name, provider = %cell.name(), status, generation = token.generation, invalidated, "upstream rejected the token");
-        if ctx.auth_retried {
-            return Ok(());
-        }
-        let idempotent = session.req_header().method.is_idempotent();
-        let buffered = !session.retry_buffer_truncated();
-        let body_done = session.is_body_done();
-        if !may_replay_after_rejection(status, idempotent, buffered, body_done) {
-            return Ok(());
-        }
-        match cell.obtain(ctx.token_wait).await {
-            Ok(fresh) if fresh.generation > token.generation => {
+        let path = session.req_header().uri.path().to_string();
+        let answer = Answer {
+            status,
+            dpop_nonce: resp.headers.get("dpop-nonce").and_then(|v| v.to_str().ok()),
+            challenges: resp.headers.get_all(http::header::WWW_AUTHENTICATE).iter().map(|v| v.as_bytes()).collect(),
+        };
+        let request = Sent {
+            path: &path,
+            is_probe: session.req_header().headers.contains_key(PROBE_HEADER),
+            idempotent: session.req_header().method.is_idempotent(),
+            buffered: !session.retry_buffer_truncated(),
+            body_done: session.is_body_done(),
+            auth_retried: ctx.auth_retried,
+            body_judged_later: ctx.graphql_body.is_some(),
+        };
+        let host = session.req_header().headers.get(HOST).cloned();
+        let verdict =
+            judge_answer(&route, cell, &token, &answer, &request, ctx.token_wait, |p| self.probe_with_host(host, p))
+                .await;
+        let message = match verdict {
+            Verdict::Pass => return Ok(()),
+            Verdict::ReplaySameToken => "upstream asked for a DPoP nonce; replaying with it",
+            Verdict::ReplayWith(fresh) => {
                 // The replay must never fall back to the rejected token.
                 ctx.token = Some(fresh);
-                ctx.auth_retried = true;
-                ctx.auth_retry_pending = true;
-                let mut e = Error::explain(
-                    ErrorType::HTTPStatus(status),
-                    "upstream rejected the token; replaying with a new one",
-                );
-                e.set_retry(true);
-                Err(e)
+                "upstream rejected the token; replaying with a new one"
             }
-            _ => Ok(()),
-        }
+        };
+        ctx.auth_retried = true;
+        ctx.auth_retry_pending = true;
+        let mut e = Error::explain(ErrorType::HTTPStatus(status), message);
+        e.set_retry(true);
+        Err(e)
     }
 
     fn upstream_response_body_filter(
@@ -554,6 +492,123 @@ pub(crate) fn token_unavailable(provider: &str, why: &Unavailable, token_wait: D
     }
 }
 
+/// An upstream's answer head, as far as token handling reads it.
+pub(crate) struct Answer<'a> {
+    pub status: u16,
+    pub dpop_nonce: Option<&'a str>,
+    /// Every `WWW-Authenticate` value.
+    pub challenges: Vec<&'a [u8]>,
+}
+
+/// The request that got the answer.
+pub(crate) struct Sent<'a> {
+    pub path: &'a str,
+    pub is_probe: bool,
+    pub idempotent: bool,
+    /// Its whole body is held for a replay.
+    pub buffered: bool,
+    /// Its body was read to the end.
+    pub body_done: bool,
+    /// It is already a replay.
+    pub auth_retried: bool,
+    /// A GraphQL body is inspected before the token counts as accepted.
+    pub body_judged_later: bool,
+}
+
+pub(crate) enum Verdict {
+    /// The answer goes to the client.
+    Pass,
+    /// Send the request again with the same token (a fresh DPoP proof with the new nonce).
+    ReplaySameToken,
+    /// Send the request again with this newer token.
+    ReplayWith(Arc<ActiveToken>),
+}
+
+/// What an upstream's answer says about the injected token (see
+/// `upstream_response_filter`): metrics, nonce, invalidation, suspicion, and whether the
+/// request is replayed. `probe` asks the route's session probe.
+pub(crate) async fn judge_answer(
+    route: &RouteEntry,
+    cell: &crate::token::TokenCell,
+    token: &ActiveToken,
+    answer: &Answer<'_>,
+    sent: &Sent<'_>,
+    token_wait: Duration,
+    probe: impl FnOnce(&str),
+) -> Verdict {
+    let status = answer.status;
+    // Whether this answer carries a nonce: even one another request stored first is
+    // newer than what this request's proof used.
+    let nonce_given = token.dpop.is_some() && answer.dpop_nonce.is_some_and(|n| remember_dpop_nonce_value(n, route));
+    let challenge =
+        if matches!(status, 401 | 403) { answer.challenges.iter().find_map(|v| challenge_error(v)) } else { None };
+    if matches!(status, 401 | 403) {
+        metrics::get()
+            .upstream_challenges_total
+            .with_label_values(&[&route.spec.name, challenge_label(challenge.as_deref())])
+            .inc();
+    }
+    if status == 401 && challenge.as_deref() == Some("use_dpop_nonce") && token.dpop.is_some() {
+        // RFC 9449 section 9: not a rejection of the token; the proof lacked the
+        // server's nonce, which came with this answer. One replay with it.
+        let replay = nonce_given
+            && !sent.auth_retried
+            && may_replay_after_rejection(status, sent.idempotent, sent.buffered, sent.body_done);
+        if replay {
+            return Verdict::ReplaySameToken;
+        }
+        warn!(route = %route.spec.name, provider = %cell.name(), "upstream asked for a DPoP nonce again or without one; passing its answer through");
+        return Verdict::Pass;
+    }
+    if !route.spec.retry_on_status.contains(&status) {
+        // A GraphQL 200 may still say UNAUTHENTICATED: that is decided with its body.
+        if status < 400 && !sent.body_judged_later {
+            cell.accepted(token.generation);
+        }
+        return Verdict::Pass;
+    }
+    if challenge.as_deref() == Some("invalid_dpop_proof") && token.dpop.is_some() {
+        // RFC 9449 section 7.1: the proof was refused, not the token (a clock apart,
+        // an `htu` the upstream sees otherwise). A new token would be refused the
+        // same way; the answer passes through and the token stays.
+        warn!(route = %route.spec.name, provider = %cell.name(), status, "upstream refused the DPoP proof (invalid_dpop_proof); passing it through, the token stays");
+        return Verdict::Pass;
+    }
+    if challenge.as_deref() == Some("insufficient_scope") {
+        // RFC 6750: the token is fine, the request needs more than it grants. Renewing
+        // it would change nothing; the answer passes through untouched.
+        metrics::get().upstream_insufficient_scope_total.with_label_values(&[&route.spec.name]).inc();
+        warn!(route = %route.spec.name, provider = %cell.name(), status, "upstream: insufficient_scope; passing it through, the token stays");
+        return Verdict::Pass;
+    }
+    metrics::get().upstream_auth_rejected_total.with_label_values(&[&route.spec.name]).inc();
+    if cell.human_only() && challenge.as_deref() != Some("invalid_token") {
+        match cell.suspect(token.generation, sent.path) {
+            Suspicion::Suspected => {
+                warn!(route = %route.spec.name, provider = %cell.name(), status, path = %sent.path, "upstream rejected a token only a human can renew; one rejection is only a suspicion, the token stays");
+                if let (Some(p), false) = (&route.spec.session_probe, sent.is_probe) {
+                    if cell.probe_due() {
+                        probe(p);
+                    }
+                }
+                return Verdict::Pass;
+            }
+            Suspicion::Dead => {
+                warn!(route = %route.spec.name, provider = %cell.name(), "a second path rejected the token with no success in between: the session is over");
+            }
+        }
+    }
+    let invalidated = cell.invalidate(token.generation, route.reauth_min_interval);
+    warn!(route = %route.spec.name, provider = %cell.name(), status, generation = token.generation, invalidated, "upstream rejected the token");
+    if sent.auth_retried || !may_replay_after_rejection(status, sent.idempotent, sent.buffered, sent.body_done) {
+        return Verdict::Pass;
+    }
+    match cell.obtain(token_wait).await {
+        Ok(fresh) if fresh.generation > token.generation => Verdict::ReplayWith(fresh),
+        _ => Verdict::Pass,
+    }
+}
+
 /// Whether a failed attempt is tried again. `pingora_says` is pingora's verdict for an
 /// idempotent request (a reused connection that closed or reset before any byte of the
 /// response, which is what an upstream or load balancer that dropped an idle connection
@@ -627,12 +682,6 @@ pub(crate) fn dpop_proof_for(
 /// Keep the upstream's `DPoP-Nonce`, which it may send on any answer (RFC 9449 section
 /// 9); later proofs to that origin carry it. True when the answer carried a usable nonce
 /// (now the origin's current one): only then can a replay succeed.
-fn remember_dpop_nonce(resp: &ResponseHeader, route: &RouteEntry) -> bool {
-    let Some(n) = resp.headers.get("dpop-nonce").and_then(|v| v.to_str().ok()) else { return false };
-    remember_dpop_nonce_value(n, route)
-}
-
-/// [`remember_dpop_nonce`] for one `DPoP-Nonce` value.
 pub(crate) fn remember_dpop_nonce_value(n: &str, route: &RouteEntry) -> bool {
     // RFC 9449 section 8.1: a nonce is printable ASCII without spaces or quotes.
     if n.is_empty() || n.len() > 512 || !n.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\') {
@@ -663,10 +712,6 @@ pub(crate) const PROBE_HEADER: &str = "x-tollgate-probe";
 /// The `error` parameter of an RFC 6750 challenge (`WWW-Authenticate: Bearer
 /// error="invalid_token"`, also under the `DPoP` scheme), lower-cased. Only parameters
 /// outside quoted strings count: an `error_description="… error=x …"` says nothing.
-fn bearer_error(resp: &ResponseHeader) -> Option<String> {
-    resp.headers.get_all(http::header::WWW_AUTHENTICATE).iter().find_map(|v| challenge_error(v.as_bytes()))
-}
-
 pub(crate) fn challenge_error(raw: &[u8]) -> Option<String> {
     let lower = raw.to_ascii_lowercase();
     // The same bytes with quoted strings blanked out, so that offsets stay the same.
