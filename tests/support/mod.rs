@@ -291,10 +291,31 @@ impl Tollgate {
 
 impl Drop for Tollgate {
     fn drop(&mut self) {
+        if std::env::var_os("TOLLGATE_TEST_FASTPATH_REPORT").is_some() {
+            // Which path served the requests (issue 13 prototype): printed, not asserted.
+            eprintln!("fastpath report {}: {}", std::thread::current().name().unwrap_or("?"), self.fastpath_counts());
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+impl Tollgate {
+    /// `tollgate_fastpath_total` series from /metrics, read synchronously (for `Drop`).
+    fn fastpath_counts(&self) -> String {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect_timeout(&self.admin, Duration::from_secs(1)) else {
+            return "admin unreachable".into();
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let auth = self.admin_token.as_ref().map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+        let _ = write!(s, "GET /metrics HTTP/1.1\r\nHost: a\r\n{auth}Connection: close\r\n\r\n");
+        let mut text = String::new();
+        let _ = s.take(4 << 20).read_to_string(&mut text);
+        let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("tollgate_fastpath_total")).collect();
+        lines.join(" ")
     }
 }
 
