@@ -2,8 +2,8 @@
 """Callgrind instructions per request, fast path on vs off (issue 13 prototype).
 
 One nginx serves both the upstream (small JSON) and the token endpoint; two tollgates
-(same config, `proxy.fast_path` true / false, `retry_on_status = []` so the route is one
-the prototype serves) run under valgrind in turn. Per tollgate: warm-up, an idle window
+(bench/conf/tollgate.toml's route, default `retry_on_status = [401]`; `proxy.fast_path`
+true / false) run under valgrind in turn. Per tollgate: warm-up, an idle window
 (timers), then N keep-alive GETs from one connection; instructions of the whole process
 between `callgrind_control -z` and `-d`, minus the idle rate.
 
@@ -95,7 +95,6 @@ name = "all"
 path_prefix = "/"
 upstream = "http://127.0.0.1:{up}"
 provider = "bench"
-retry_on_status = []
 """)
             env = dict(os.environ, TOLLGATE_LOG="warn")
             p = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={work}/cg.{mode}.%p",
