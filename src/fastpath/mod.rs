@@ -6,6 +6,17 @@
 //! first request that is not is handed to pingora's `HttpProxy` app with the bytes
 //! already read put back (`rewind`), for the rest of the connection; pingora runs its
 //! own keep-alive loop from there.
+//!
+//! Pipelined requests are served in order (pingora answers the first and closes).
+//!
+//! PROTOTYPE limits, each one a delegation to pingora before any byte is sent (reason in
+//! `tollgate_fastpath_total{path="pingora"}`): TLS upstreams, routes with
+//! `graphql_unauthenticated` or `session_probe`, a client credential on a `keep`/`reject`
+//! route, HTTP/1.0 clients, `allow_from` refusals, 404s, routes without a provider, a
+//! failed first connect. Not done: idle-eviction timer for the pool (idle connections are
+//! dropped lazily at checkout), write timeouts, `/admin` reporting of the switch, the
+//! service is only registered when the switch is on at start (a reload can turn it off
+//! per connection, not on), differential and fuzz tests.
 
 mod forward;
 pub mod framing;
