@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pingora::proxy::http_proxy_service_with_name;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{ExecutionPhase, Server};
 use tracing::{error, info, warn};
@@ -46,7 +45,6 @@ pub fn run(settings: Settings, config_path: Option<PathBuf>, rt: tokio::runtime:
     let threads = settings.proxy.threads;
     let shutdown_timeout = settings.proxy.shutdown_timeout;
     let pool_size = settings.proxy.upstream_keepalive_pool_size;
-    let fast_path = settings.proxy.fast_path;
 
     // Bind the admin port ourselves, and probe the proxy port, so that a port clash is a
     // clear error naming the key instead of a panic inside pingora.
@@ -90,23 +88,15 @@ pub fn run(settings: Settings, config_path: Option<PathBuf>, rt: tokio::runtime:
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
-    if fast_path {
-        // Our own ServerApp owns the connections and delegates to pingora's HttpProxy.
-        let conf = Arc::clone(&server.configuration);
-        let pingora = Arc::new(pingora::proxy::http_proxy(&conf, TollgateProxy { gateway: Arc::clone(&gateway) }));
-        let app = crate::fastpath::FastPathApp::new(Arc::clone(&gateway), pingora, &conf);
-        let mut service = pingora::services::listening::Service::new("tollgate proxy".to_string(), app);
-        service.add_tcp(&proxy_listen.to_string());
-        server.add_service(service);
-    } else {
-        let mut service = http_proxy_service_with_name(
-            &server.configuration,
-            TollgateProxy { gateway: Arc::clone(&gateway) },
-            "tollgate proxy",
-        );
-        service.add_tcp(&proxy_listen.to_string());
-        server.add_service(service);
-    }
+    // tollgate's own ServerApp owns every accepted connection: with `proxy.fast_path` on
+    // (read per connection, so a reload flips it either way) it serves plain requests
+    // itself, and hands everything else, whole, to pingora's HttpProxy app.
+    let conf = Arc::clone(&server.configuration);
+    let pingora = Arc::new(pingora::proxy::http_proxy(&conf, TollgateProxy { gateway: Arc::clone(&gateway) }));
+    let app = crate::fastpath::FastPathApp::new(Arc::clone(&gateway), pingora, &conf);
+    let mut service = pingora::services::listening::Service::new("tollgate proxy".to_string(), app);
+    service.add_tcp(&proxy_listen.to_string());
+    server.add_service(service);
 
     spawn_drain_watcher(server.watch_execution_phase(), Arc::clone(&gateway), shutdown_timeout);
     info!(proxy = %proxy_listen, admin = %admin_listen, threads, "tollgate running");

@@ -61,6 +61,7 @@ async fn injects_bearer_on_get_and_post_and_forwards_faithfully() {
     assert_eq!(reqs[0].grant(), "client_credentials");
     assert!(reqs[0].content_type.starts_with("application/x-www-form-urlencoded"));
     assert_eq!(reqs[0].params.get("client_id").map(String::as_str), Some("abc123"));
+    tg.assert_path().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -87,6 +88,7 @@ async fn streams_responses_and_reuses_connections() {
         assert_eq!(c.get(tg.url("/k")).send().await.unwrap().status(), 200);
     }
     assert_eq!(upstream.count(), 21);
+    tg.assert_path().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

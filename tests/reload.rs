@@ -204,3 +204,46 @@ async fn a_provider_removed_by_a_reload_leaves_no_metric_series_behind() {
     assert!(m.contains("tollgate_token_valid{provider=\"backend\"} 1"));
     assert_eq!(client().get(tg.url("/still")).send().await.unwrap().status(), 200);
 }
+
+/// `proxy.fast_path` is read per connection: a reload turns it on and off for the
+/// connections that come after, with the same token, and `/admin/proxy` says so.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_turns_the_fast_path_on_and_off_for_new_connections() {
+    let (idp, upstream, _ledger) = oauth2_doubles(IdpConfig::default()).await;
+    let text = oauth2_config(&idp, &upstream, "", "fast_path = false");
+    let tg = Tollgate::start_sighup_only(&text);
+    tg.wait_ready().await;
+    let served = |s: serde_json::Value| (s["fast_path"].as_bool(), s["fast_path_requests"].as_u64());
+    let status = || async { tg.admin_get("/admin/proxy").await.json::<serde_json::Value>().await.unwrap() };
+
+    // A fresh client per phase: a kept-alive connection stays with the path it started on.
+    assert_eq!(client().get(tg.url("/off")).send().await.unwrap().status(), 200);
+    assert_eq!(served(status().await), (Some(false), Some(0)));
+
+    let live = tg.config_text();
+    tg.write_config(&live.replace("fast_path = false", "fast_path = true"));
+    tg.sighup_reload().await;
+    for i in 0..3 {
+        assert_eq!(client().get(tg.url(&format!("/on/{i}"))).send().await.unwrap().status(), 200);
+    }
+    assert_eq!(
+        served(status().await),
+        (Some(true), Some(3)),
+        "each new connection took the fast path; logs:\n{}",
+        tg.logs()
+    );
+
+    tg.write_config(&live);
+    tg.sighup_reload().await;
+    assert_eq!(client().get(tg.url("/off-again")).send().await.unwrap().status(), 200);
+    assert_eq!(served(status().await), (Some(false), Some(3)), "off again: pingora serves new connections");
+
+    let seen = upstream.seen();
+    assert_eq!(
+        seen.iter().map(|s| s.path.as_str()).collect::<Vec<_>>(),
+        ["/off", "/on/0", "/on/1", "/on/2", "/off-again"]
+    );
+    let token = seen[0].bearer();
+    assert!(token.is_some() && seen.iter().all(|s| s.bearer() == token), "one token on both paths");
+    assert_eq!(idp.count(), 1, "switching paths makes no token request");
+}

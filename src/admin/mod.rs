@@ -25,6 +25,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
+        .route("/admin/proxy", get(proxy_status))
         .route("/admin/providers", get(providers::list))
         .route("/admin/providers/{name}", get(providers::one))
         .route("/admin/providers/{name}/refresh", post(providers::refresh))
@@ -109,6 +110,37 @@ async fn metrics_text(State(gw): State<Arc<Gateway>>) -> Response {
         m.provider_awaiting_code.with_label_values(&[name]).set(h.cell.status().awaiting_code as i64);
     }
     ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], m.encode()).into_response()
+}
+
+/// The proxy's running switches and which path has been serving: an operator turning
+/// `proxy.fast_path` on or off (by a reload) sees here that it took effect, and why
+/// connections still went to pingora.
+async fn proxy_status(State(gw): State<Arc<Gateway>>) -> Json<serde_json::Value> {
+    use prometheus::core::Collector;
+    let active = gw.active();
+    let p = &active.settings.proxy;
+    let mut served = 0u64;
+    let mut handed = serde_json::Map::new();
+    for family in metrics::get().fastpath_total.collect() {
+        for m in family.get_metric() {
+            let label = |name: &str| m.get_label().iter().find(|l| l.name() == name).map(|l| l.value().to_string());
+            let count = m.get_counter().get_value() as u64;
+            match (label("path").as_deref(), label("reason")) {
+                (Some("fast"), _) => served += count,
+                (Some("pingora"), Some(reason)) => {
+                    handed.insert(reason, json!(count));
+                }
+                _ => {}
+            }
+        }
+    }
+    Json(json!({
+        "listen": p.listen.to_string(),
+        "threads": p.threads,
+        "fast_path": p.fast_path,
+        "fast_path_requests": served,
+        "handed_to_pingora": handed,
+    }))
 }
 
 async fn not_found() -> Response {

@@ -160,6 +160,11 @@ impl Tollgate {
         let mut cmd = Command::new(BIN);
         cmd.arg("run").arg("--config").arg(&self.config_path);
         cmd.env("TOLLGATE_LOG", "debug").env("NO_COLOR", "1");
+        // scripts/test runs the suite twice, with TOLLGATE_PROXY__FAST_PATH true and false;
+        // a test whose config sets the switch itself means that value.
+        if self.config_text().contains("fast_path") {
+            cmd.env_remove(FAST_PATH_ENV);
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -283,10 +288,37 @@ impl Tollgate {
         req.send().await.expect("admin request")
     }
 
+    /// Assert that the requests served so far took the path this run of the suite means
+    /// (scripts/test runs it with the fast path on and off): `/admin/proxy` reports the
+    /// switch the environment asked for, and with it on the fast path served requests,
+    /// with it off none. A fast path that silently handed everything to pingora, or an
+    /// environment that never reached the process, fails here.
+    pub async fn assert_path(&self) {
+        let status: serde_json::Value = self.admin_get("/admin/proxy").await.json().await.expect("admin/proxy json");
+        let on = status["fast_path"].as_bool().expect("fast_path flag");
+        if let Some(wanted) = fast_path_env() {
+            assert_eq!(on, wanted, "{FAST_PATH_ENV} did not reach tollgate: {status}");
+        }
+        let served = status["fast_path_requests"].as_u64().expect("fast_path_requests");
+        if on {
+            assert!(served > 0, "fast path on but no request served on it: {status}");
+        } else {
+            assert_eq!(served, 0, "fast path off but requests served on it: {status}");
+        }
+    }
+
     /// The value of one metric series (exact label text), or 0.
     pub async fn metric(&self, series: &str) -> f64 {
         metric_value(&self.metrics().await, series)
     }
+}
+
+/// The environment variable scripts/test sets to run the suite with the fast path on and off.
+pub const FAST_PATH_ENV: &str = "TOLLGATE_PROXY__FAST_PATH";
+
+/// `Some(on)` when this run of the suite sets the fast-path switch.
+pub fn fast_path_env() -> Option<bool> {
+    std::env::var(FAST_PATH_ENV).ok().map(|v| v.trim() == "true")
 }
 
 impl Drop for Tollgate {
