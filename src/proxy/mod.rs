@@ -264,25 +264,24 @@ impl ProxyHttp for TollgateProxy {
         if route.spec.graphql_unauthenticated && status == 200 && is_json(resp) {
             ctx.graphql_body = Some(bytes::BytesMut::new());
         }
-        let path = session.req_header().uri.path().to_string();
+        let body_done = session.is_body_done();
+        let session: &Session = session;
+        let path = session.req_header().uri.path();
         let answer = Answer {
             status,
             dpop_nonce: resp.headers.get("dpop-nonce").and_then(|v| v.to_str().ok()),
             challenges: resp.headers.get_all(http::header::WWW_AUTHENTICATE).iter().map(|v| v.as_bytes()).collect(),
         };
         let request = Sent {
-            path: &path,
+            path,
             is_probe: session.req_header().headers.contains_key(PROBE_HEADER),
             idempotent: session.req_header().method.is_idempotent(),
             buffered: !session.retry_buffer_truncated(),
-            body_done: session.is_body_done(),
+            body_done,
             auth_retried: ctx.auth_retried,
             body_judged_later: ctx.graphql_body.is_some(),
         };
-        let host = session.req_header().headers.get(HOST).cloned();
-        let verdict =
-            judge_answer(&route, cell, &token, &answer, &request, ctx.token_wait, |p| self.probe_with_host(host, p))
-                .await;
+        let verdict = judge_answer(&route, cell, &token, &answer, &request, ctx.token_wait, |p| self.probe(session, p)).await;
         let message = match verdict {
             Verdict::Pass => return Ok(()),
             Verdict::ReplaySameToken => "upstream asked for a DPoP nonce; replaying with it",
