@@ -39,6 +39,14 @@ pub fn get() -> &'static Metrics {
     &METRICS
 }
 
+/// `tollgate_fastpath_total{path="fast",reason="served"}`, resolved once: it counts every
+/// request the fast path serves, and a label lookup takes the vector's lock.
+pub fn fastpath_served() -> &'static prometheus::IntCounter {
+    static SERVED: LazyLock<prometheus::IntCounter> =
+        LazyLock::new(|| get().fastpath_total.with_label_values(&["fast", "served"]));
+    &SERVED
+}
+
 impl Metrics {
     fn new() -> Self {
         let registry = Registry::new();
