@@ -46,7 +46,7 @@ impl Req {
 }
 
 /// One accepted connection, as the double saw it.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 struct Conn {
     sni: Option<String>,
     /// The client certificate presented (DER), if any.
@@ -56,6 +56,18 @@ struct Conn {
     /// When tollgate closed it (end of stream, or a TLS error, while the double waited
     /// for the next request).
     closed_by_tollgate: Option<Instant>,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let targets: Vec<&str> = self.requests.iter().map(|r| r.target.as_str()).collect();
+        f.debug_struct("Conn")
+            .field("sni", &self.sni)
+            .field("client_cert_bytes", &self.client_cert.as_ref().map(Vec::len))
+            .field("targets", &targets)
+            .field("closed_by_tollgate", &self.closed_by_tollgate.is_some())
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -407,7 +419,8 @@ async fn a_pooled_connection_the_upstream_closed_is_replaced_without_an_error() 
         let conns = up.conns();
         assert_eq!(conns.len(), 3, "{conns:?}");
         for (i, conn) in conns.iter().enumerate() {
-            let got: Vec<(&str, &[u8])> = conn.requests.iter().map(|r| (r.method.as_str(), r.body.as_slice())).collect();
+            let got: Vec<(&str, &[u8])> =
+                conn.requests.iter().map(|r| (r.method.as_str(), r.body.as_slice())).collect();
             assert_eq!(got, vec![("POST", format!("order {i}").as_bytes())], "{conns:?}");
         }
     }

@@ -74,7 +74,11 @@ pub fn limits(idle_timeout: Duration, pool_size: usize, threads: usize) -> Limit
 
 /// A new connection to `addr` for `route` (TCP, and TLS when the route's upstream is
 /// https), with the route's connect timeout.
-pub async fn connect(connector: &TransportConnector, route: &RouteEntry, addr: SocketAddr) -> Result<Stream, ConnectError> {
+pub async fn connect(
+    connector: &TransportConnector,
+    route: &RouteEntry,
+    addr: SocketAddr,
+) -> Result<Stream, ConnectError> {
     let mut peer: HttpPeer = route.peer.clone();
     peer._address = pingora::protocols::l4::socket::SocketAddr::Inet(addr);
     connector.new_stream(&peer).await.map_err(|e| ConnectError { kind: e.etype().as_str() })
