@@ -268,10 +268,12 @@ fn path(p: &Path) -> String {
     p.display().to_string()
 }
 
-/// tollgate with the fast path on; providers `backend` (a client secret) and `bound` (the
-/// same, plus the workload certificate presented upstream), and `routes`.
+/// tollgate with the fast path on (in the file and in the environment, which would
+/// override the file in the suite's fast-path-off run); providers `backend` (a client
+/// secret) and `bound` (the same, plus the workload certificate presented upstream), and
+/// `routes`.
 fn start(idp: &Idp, pki: &Pki, proxy_extra: &str, routes: &str) -> Tollgate {
-    Tollgate::start(&format!(
+    let config = format!(
         r#"
 [proxy]
 listen = "{{PROXY}}"
@@ -307,7 +309,8 @@ timeout = "2s"
         token_url = idp.url(),
         cert = pki.file("client.crt"),
         key = pki.file("client.key"),
-    ))
+    );
+    Tollgate::start_with_env(&config, &[("TOLLGATE_PROXY__FAST_PATH", "true")])
 }
 
 /// A route to `up`; `tls` holds the route's TLS keys (`ca_file`, `sni`, `tls_verify`).
