@@ -344,6 +344,7 @@ impl Plan {
                 .unwrap_or_default();
             entries.push(RouteEntry {
                 dpop_nonce: nonces.for_origin(&r.upstream),
+                pool_key: crate::fastpath::upstream::peer_key(&peer),
                 peer,
                 upstream,
                 metrics: crate::metrics::RouteMetrics::new(&r.name),

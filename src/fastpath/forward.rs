@@ -10,13 +10,12 @@ use std::time::{Duration, Instant};
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::GetSocketDigest;
 use pingora::protocols::Stream;
-use pingora::upstreams::peer::HttpPeer;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::framing::{Chunked, Feed};
 use super::parse::Head;
-use super::{pool, FastPathApp};
+use super::{upstream, FastPathApp};
 use crate::config::{AuthorizationPolicy, RouteSpec};
 use crate::metrics;
 use crate::proxy::router::{self, RouteEntry};
@@ -63,9 +62,6 @@ pub async fn serve(app: &FastPathApp, conn: &mut L4Stream, buf: &mut Vec<u8>, he
     };
     let spec = &route.spec;
     let Some(cell) = route.cell.clone() else { return Outcome::Delegate("no_provider") };
-    if spec.upstream.tls {
-        return Outcome::Delegate("tls_upstream");
-    }
     if spec.graphql_unauthenticated || spec.session_probe.is_some() {
         return Outcome::Delegate("route_feature");
     }
@@ -76,8 +72,8 @@ pub async fn serve(app: &FastPathApp, conn: &mut L4Stream, buf: &mut Vec<u8>, he
     }
     let (token_wait, access_log, read_timeout) =
         (settings.token_wait, settings.access_log, settings.upstream_read_timeout);
-    let (idle_timeout, pool_cap) =
-        (settings.upstream_idle_timeout, settings.upstream_keepalive_pool_size.div_ceil(settings.threads.max(1)));
+    let limits =
+        upstream::limits(settings.upstream_idle_timeout, settings.upstream_keepalive_pool_size, settings.threads);
     drop(active);
 
     let _inflight = app.gateway.enter();
@@ -99,6 +95,7 @@ pub async fn serve(app: &FastPathApp, conn: &mut L4Stream, buf: &mut Vec<u8>, he
     let mut attempt = resolve::Attempt::default();
     let Some(ip) = route.upstream.pick(&mut attempt) else { return Outcome::Delegate("no_address") };
     let addr = SocketAddr::new(ip, spec.upstream.port);
+    let pool_key = upstream::key(&route, addr);
     let body_len = head.content_length.unwrap_or(0);
     // A body within pingora's retry buffer is read whole first, so the request can be
     // replayed after a token rejection; a larger one is streamed and never replayed.
@@ -119,21 +116,19 @@ pub async fn serve(app: &FastPathApp, conn: &mut L4Stream, buf: &mut Vec<u8>, he
     let (mut up, resp, rbuf) = 'auth: loop {
         let up_head = upstream_head(spec, &route, &token, head, buf);
         let whole_request = [&up_head[..], &buf[head.len..head.len + in_buf]].concat();
-        let mut pooled = pool::checkout(addr, idle_timeout);
+        let mut pooled = upstream::checkout(&pool_key);
         let (up, resp, rbuf) = loop {
             let reused = pooled.is_some();
             let mut up = match pooled.take() {
                 Some(s) => s,
                 // Nothing sent yet on the first attempt: pingora may take it from here.
-                None if !auth_retried => match connect(app, &route, addr).await {
+                None if !auth_retried => match upstream::connect(&app.connector, &route, addr).await {
                     Ok(s) => s,
-                    Err(()) => return Outcome::Delegate("connect_failed"),
+                    Err(_) => return Outcome::Delegate("connect_failed"),
                 },
-                None => match connect(app, &route, addr).await {
+                None => match upstream::connect(&app.connector, &route, addr).await {
                     Ok(s) => s,
-                    Err(()) => {
-                        return bad_gateway(conn, &route, head, buf, started, access_log, "ConnectRefused").await
-                    }
+                    Err(e) => return bad_gateway(conn, &route, head, buf, started, access_log, e.kind).await,
                 },
             };
             if write_all_flush(&mut up, &whole_request).await.is_err() {
@@ -233,7 +228,7 @@ pub async fn serve(app: &FastPathApp, conn: &mut L4Stream, buf: &mut Vec<u8>, he
     let complete = relay_body(conn, &mut up, &rbuf[body_start..], framing, out, read_timeout).await;
     let ok = complete.is_ok();
     if ok && upstream_keeps && complete == Ok(true) {
-        pool::checkin(addr, up, pool_cap);
+        upstream::checkin(pool_key, up, limits);
     }
     finish(&route, head, buf, status, started, Some(&token), access_log);
     buf.drain(..head.len + in_buf);
@@ -251,12 +246,6 @@ enum Framing {
     Length(u64),
     Chunked,
     Close,
-}
-
-async fn connect(app: &FastPathApp, route: &RouteEntry, addr: SocketAddr) -> Result<Stream, ()> {
-    let mut peer: HttpPeer = route.peer.clone();
-    peer._address = pingora::protocols::l4::socket::SocketAddr::Inet(addr);
-    app.connector.new_stream(&peer).await.map_err(|_| ())
 }
 
 /// The request head sent upstream: the client's fields in order minus hop-by-hop ones

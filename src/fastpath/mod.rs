@@ -22,6 +22,7 @@ mod forward;
 pub mod framing;
 pub mod parse;
 mod pool;
+pub(crate) mod upstream;
 
 use std::sync::Arc;
 use std::time::Duration;

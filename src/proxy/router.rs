@@ -20,6 +20,9 @@ pub struct RouteEntry {
     /// A template peer (TLS, timeouts, CA), cloned per request because pingora takes
     /// ownership of a boxed one; its address is taken from `upstream` for each attempt.
     pub peer: HttpPeer,
+    /// What makes an upstream connection made from `peer` reusable (the fast path's pool
+    /// key with the address): `fastpath::upstream::peer_key(&peer)`, computed once here.
+    pub pool_key: u64,
     /// The upstream host's current addresses.
     pub upstream: Arc<Upstream>,
     /// The provider's bound on invalidations after upstream rejections.
