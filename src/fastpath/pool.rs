@@ -117,9 +117,8 @@ impl Pool {
                 break;
             }
         }
-        if idle.is_empty() {
-            self.idle.remove(key);
-        }
+        // An emptied list stays (the timer's sweep removes it): the connection usually
+        // comes back at the end of this request, and its list's allocation with it.
         found
     }
 
