@@ -10,13 +10,16 @@
 //! Pipelined requests are served in order (pingora answers the first and closes).
 //!
 //! PROTOTYPE limits, each one a delegation to pingora before any byte is sent (reason in
-//! `tollgate_fastpath_total{path="pingora"}`): TLS upstreams, routes with
-//! `graphql_unauthenticated` or `session_probe`, a client credential on a `keep`/`reject`
-//! route, HTTP/1.0 clients, `allow_from` refusals, 404s, routes without a provider, a
-//! failed first connect. Not done: idle-eviction timer for the pool (idle connections are
-//! dropped lazily at checkout), write timeouts, `/admin` reporting of the switch, the
-//! service is only registered when the switch is on at start (a reload can turn it off
-//! per connection, not on), differential and fuzz tests.
+//! `tollgate_fastpath_total{path="pingora"}`): TLS upstreams, `allow_from` refusals, 404s,
+//! routes without a provider, a failed first connect. HTTP/1.0 clients, 1xx answers,
+//! `graphql_unauthenticated`, `session_probe` and client credentials on `keep`/`reject`
+//! routes are served here (see [`forward`] for where it deliberately differs from
+//! pingora). Answers the fast path writes itself are counted as `path="fast"` with
+//! reason `bad_gateway`, `token_unavailable` or `client_credentials`; upstream answers
+//! relayed as `served`. Not done: idle-eviction timer for the pool (idle connections are
+//! dropped lazily at checkout), `/admin` reporting of the switch, the service is only
+//! registered when the switch is on at start (a reload can turn it off per connection,
+//! not on), differential and fuzz tests.
 
 mod forward;
 pub mod framing;
