@@ -25,6 +25,11 @@
 //! - Upstream answer heads are parsed strictly (no obs-fold, no space before the colon,
 //!   Transfer-Encoding exactly `chunked`): pingora's response parser allows the first two
 //!   and reads other codings close-delimited; here those get a 502 `InvalidHTTPHeader`.
+//! - A body whose framing is already bad in the bytes that came with the head (a bad
+//!   first chunk) gets a 502 here, since nothing was sent yet; pingora writes the head
+//!   first and then closes. Once anything was written, both just close; the access log
+//!   names the failure as pingora does (`InvalidChunk`, `ConnectionClosed`,
+//!   `ReadTimedout`, `WriteTimedout`, …).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -265,10 +270,20 @@ pub async fn serve(app: &FastPathApp, conn: &mut L4Stream, buf: &mut Vec<u8>, he
 
     // A GraphQL 200 is judged on its whole body (up to the inspection limit) once relayed.
     let inspect = token.is_some() && tproxy::graphql_inspected(spec, status, resp.header(&rbuf, b"content-type"));
-    let mut relay =
-        Relay { conn, up: &mut up, read_timeout, write_timeout: x.write_timeout, graphql: inspect.then(Vec::new) };
+    let mut relay = Relay {
+        conn,
+        up: &mut up,
+        read_timeout,
+        write_timeout: x.write_timeout,
+        graphql: inspect.then(Vec::new),
+        sent: false,
+    };
     let complete = relay.body(&rbuf[resp.len..], framing, dechunk, out).await;
     let graphql = relay.graphql.take();
+    if let (Err(e), false) = (complete, relay.sent) {
+        // Bad framing seen in the bytes that came with the head: nothing went out yet.
+        return x.bad_gateway(conn, buf, e).await;
+    }
     if complete == Ok(true) && upstream_keeps {
         pool::checkin(addr, up, pool_cap);
     }
@@ -637,6 +652,8 @@ struct Relay<'a> {
     /// The body's data (without chunk framing) while it is inspected for GraphQL
     /// `UNAUTHENTICATED`; dropped past the inspection limit, as on pingora's path.
     graphql: Option<Vec<u8>>,
+    /// Something was written to the client.
+    sent: bool,
 }
 
 impl Relay<'_> {
@@ -656,7 +673,7 @@ impl Relay<'_> {
         let mut pending: &[u8] = first;
         match framing {
             Framing::None => {
-                write_client(self.conn, &head, self.write_timeout).await?;
+                self.send(&head).await?;
                 Ok(pending.is_empty())
             }
             Framing::Length(total) => {
@@ -666,7 +683,7 @@ impl Relay<'_> {
                 self.inspect(&pending[..take]);
                 let extra = pending.len() > take;
                 left -= take as u64;
-                write_client(self.conn, &head, self.write_timeout).await?;
+                self.send(&head).await?;
                 while left > 0 {
                     if chunk.is_empty() {
                         chunk = vec![0u8; 64 * 1024];
@@ -677,7 +694,7 @@ impl Relay<'_> {
                         return Err("ConnectionClosed");
                     }
                     self.inspect(&chunk[..n]);
-                    write_client(self.conn, &chunk[..n], self.write_timeout).await?;
+                    self.send(&chunk[..n]).await?;
                     left -= n as u64;
                 }
                 Ok(!extra)
@@ -696,7 +713,7 @@ impl Relay<'_> {
                         Feed::More => (pending.len(), false),
                     };
                     head.extend_from_slice(if dechunk { &data } else { &pending[..end] });
-                    write_client(self.conn, &head, self.write_timeout).await?;
+                    self.send(&head).await?;
                     head.clear();
                     if done {
                         return Ok(end == pending.len());
@@ -720,7 +737,7 @@ impl Relay<'_> {
                     head.extend_from_slice(pending);
                     head.extend_from_slice(b"\r\n");
                 }
-                write_client(self.conn, &head, self.write_timeout).await?;
+                self.send(&head).await?;
                 head.clear();
                 if chunk.is_empty() {
                     chunk = vec![0u8; 64 * 1024];
@@ -728,13 +745,19 @@ impl Relay<'_> {
                 let n = self.read_up(&mut chunk).await?;
                 if n == 0 {
                     if !dechunk {
-                        write_client(self.conn, b"0\r\n\r\n", self.write_timeout).await?;
+                        self.send(b"0\r\n\r\n").await?;
                     }
                     return Ok(false);
                 }
                 pending = &chunk[..n];
             },
         }
+    }
+
+    /// Write to the client; from the first call on, a failure can no longer be a 502.
+    async fn send(&mut self, bytes: &[u8]) -> Result<(), &'static str> {
+        self.sent = true;
+        write_client(self.conn, bytes, self.write_timeout).await
     }
 
     fn inspect(&mut self, data: &[u8]) {
