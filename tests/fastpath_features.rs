@@ -420,7 +420,7 @@ async fn a_200_kb_request_body_is_streamed_and_pipelined_requests_are_answered_i
     let seen = up.seen();
     let targets: Vec<&str> = seen.iter().map(|r| r.split(' ').nth(1).unwrap_or("")).collect();
     assert_eq!(targets, ["/upload", "/p1", "/p2", "/chunked", "/p3"]);
-    let up_raw = &up.seen.lock().unwrap()[0];
+    let up_raw = up.seen.lock().unwrap()[0].clone();
     let at = up_raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
     assert!(up_raw[at..] == body[..], "the body reached the upstream intact");
     assert!(text(&up_raw[..at]).contains(&format!("Content-Length: {BIG}\r\n")));

@@ -515,6 +515,7 @@ async fn stream_request_body(conn: &mut L4Stream, up: &mut Stream, mut left: u64
 }
 
 enum RespError {
+    /// Closed before the head was whole: retryable on a reused connection.
     Closed,
     Timeout,
     Invalid,
@@ -633,7 +634,7 @@ async fn read_response_head(
         }
         match tokio::time::timeout(timeout, up.read_buf(&mut buf)).await {
             Ok(Ok(0)) if buf.is_empty() => return Err(RespError::Closed),
-            // pingora: "Connection closed" while reading the head.
+            // Part of a head, then the close: pingora too treats it as a close (`ReusedOnly`).
             Ok(Ok(0)) => return Err(RespError::Closed),
             Ok(Ok(_)) => {}
             Ok(Err(_)) if buf.is_empty() => return Err(RespError::Closed),
