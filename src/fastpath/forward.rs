@@ -1,7 +1,35 @@
 //! One plain request on the fast path: route, policy, token, upstream head, body both
-//! ways, access log. Whatever this prototype does not implement is handed back as
+//! ways, access log. Whatever the fast path does not serve is handed back as
 //! [`Outcome::Delegate`] before any byte went upstream or to the client, and pingora
 //! serves that request (and the rest of the connection) exactly as without the fast path.
+//!
+//! Where it deliberately differs from pingora 0.9.1 (`v1/server.rs`, `proxy_h1.rs`):
+//! - HTTP/1.0 clients. Same as pingora: the status line says HTTP/1.1 (RFC 9110 §2.5),
+//!   keep-alive only when the request asks for it (`respect_keepalive`), a
+//!   Content-Length body as is. Differs: pingora turns a body without a length (chunked or
+//!   close-delimited upstream) into chunked framing and sends 1xx answers, both of which
+//!   an HTTP/1.0 client cannot take (RFC 9112 §7.1 "MUST NOT send … Transfer-Encoding
+//!   unless the request indicates HTTP/1.1", RFC 9110 §15.2 "MUST NOT send a 1xx … to an
+//!   HTTP/1.0 client"). Here such a body goes out as data only, close-delimited, and the
+//!   connection closes after it; 1xx answers are not sent to it.
+//! - 1xx answers (not 101) are forwarded as they come to HTTP/1.1 clients, as pingora
+//!   does; they are not judged as a verdict on the token (pingora's
+//!   `upstream_response_filter` also runs on them and counts a `100` as the token being
+//!   accepted). After a 1xx, a failure closes the connection without a 502, as pingora's
+//!   `fail_to_proxy` does once a header was written.
+//! - Client write timeout: pingora sets none on the downstream session (a client that
+//!   stops reading holds the connection until the kernel gives up). tollgate has no
+//!   upstream write timeout setting either; each write to the client (one read's worth,
+//!   at most 64 KiB) must finish within `proxy.upstream_read_timeout`, the bound on a
+//!   silent upstream, else the exchange ends with `WriteTimedout` in the access log.
+//! - Upstream answer heads are parsed strictly (no obs-fold, no space before the colon,
+//!   Transfer-Encoding exactly `chunked`): pingora's response parser allows the first two
+//!   and reads other codings close-delimited; here those get a 502 `InvalidHTTPHeader`.
+//! - A body whose framing is already bad in the bytes that came with the head (a bad
+//!   first chunk) gets a 502 here, since nothing was sent yet; pingora writes the head
+//!   first and then closes. Once anything was written, both just close; the access log
+//!   names the failure as pingora does (`InvalidChunk`, `ConnectionClosed`,
+//!   `ReadTimedout`, `WriteTimedout`, …).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,7 +44,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::framing::{Chunked, Feed};
 use super::parse::Head;
 use super::{upstream, FastPathApp};
-use crate::config::{AuthorizationPolicy, RouteSpec};
+use crate::config::RouteSpec;
 use crate::metrics;
 use crate::proxy::router::{self, RouteEntry};
 use crate::proxy::{self as tproxy, resolve};
@@ -33,8 +61,10 @@ pub enum Outcome {
 
 /// pingora's retry buffer (`v1/common.rs`): bodies up to this size can be replayed.
 const RETRY_BUFFER: usize = 64 * 1024;
-/// Largest upstream response head read.
-const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Largest upstream response head read (pingora's `MAX_HEADER_SIZE`).
+const MAX_RESPONSE_HEAD: usize = 1_048_575;
+/// Most fields in an upstream response head (pingora's `MAX_HEADERS`).
+const MAX_RESPONSE_FIELDS: usize = 256;
 /// Wait for the next bytes of a client request body (pingora's default read timeout).
 const CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -53,23 +83,15 @@ pub async fn serve(app: &FastPathApp, conn: &mut L4Stream, buf: &mut Vec<u8>, he
     if !router::client_allowed(&settings.allow_from, client.as_ref()) {
         return Outcome::Delegate("allow_from");
     }
-    if head.minor == 0 {
-        return Outcome::Delegate("http10");
-    }
     let Ok(path) = std::str::from_utf8(head.path(buf)) else { return Outcome::Delegate("target_chars") };
     let Some(route) = active.router.route(Some(head.host(buf)), path).cloned() else {
         return Outcome::Delegate("no_route");
     };
     let spec = &route.spec;
     let Some(cell) = route.cell.clone() else { return Outcome::Delegate("no_provider") };
-    if spec.graphql_unauthenticated || spec.session_probe.is_some() {
-        return Outcome::Delegate("route_feature");
-    }
     let header_name = spec.header_name.as_str().as_bytes();
     let client_sent = head.fields.iter().any(|(n, _)| buf[n.clone()].eq_ignore_ascii_case(header_name));
-    if client_sent && spec.authorization != AuthorizationPolicy::Overwrite {
-        return Outcome::Delegate("client_credentials");
-    }
+    let credential = tproxy::client_credential(spec, client_sent);
     let (token_wait, access_log, read_timeout) =
         (settings.token_wait, settings.access_log, settings.upstream_read_timeout);
     let limits =
@@ -78,19 +100,30 @@ pub async fn serve(app: &FastPathApp, conn: &mut L4Stream, buf: &mut Vec<u8>, he
 
     let _inflight = app.gateway.enter();
     let started = Instant::now();
-    let token = match cell.obtain(token_wait).await {
-        Ok(t) => t,
-        Err(why) => {
-            metrics::get().token_unavailable_total.with_label_values(&[cell.name()]).inc();
-            let (body, retry) = tproxy::token_unavailable(cell.name(), &why, token_wait);
-            let _ = write_json(conn, 503, &body, Some(retry)).await;
-            finish(&route, head, buf, 503, started, None, access_log);
+    let mut x = Exchange { route: &route, head, started, access_log, write_timeout: read_timeout, informational: None };
+    // Policy `keep` with a client credential: it goes upstream as sent, no token is
+    // looked at, and the answer says nothing about one (as on pingora's path).
+    let token = match credential {
+        tproxy::ClientCredential::Refuse(body) => {
+            let written = write_json(conn, 400, &body, None, x.write_timeout).await;
+            x.finish(buf, 400, None, written.err());
+            fast("client_credentials");
             return Outcome::Close;
         }
+        tproxy::ClientCredential::Keep => None,
+        tproxy::ClientCredential::Inject => match cell.obtain(token_wait).await {
+            Ok(t) if t.usable() => Some(t),
+            Ok(_) => return Outcome::Delegate("token_expired"),
+            Err(why) => {
+                metrics::get().token_unavailable_total.with_label_values(&[cell.name()]).inc();
+                let (body, retry) = tproxy::token_unavailable(cell.name(), &why, token_wait);
+                let written = write_json(conn, 503, &body, Some(retry), x.write_timeout).await;
+                x.finish(buf, 503, None, written.err());
+                fast("token_unavailable");
+                return Outcome::Close;
+            }
+        },
     };
-    if !token.usable() {
-        return Outcome::Delegate("token_expired");
-    }
 
     let mut attempt = resolve::Attempt::default();
     let Some(ip) = route.upstream.pick(&mut attempt) else { return Outcome::Delegate("no_address") };
@@ -105,6 +138,8 @@ pub async fn serve(app: &FastPathApp, conn: &mut L4Stream, buf: &mut Vec<u8>, he
             return Outcome::Close;
         }
     }
+    // Checked above; read again because `buf` may have grown since.
+    let path = std::str::from_utf8(head.path(buf)).unwrap_or_default();
     let in_buf = (buf.len() - head.len).min(usize::try_from(body_len).unwrap_or(usize::MAX));
     let streamed = body_len > in_buf as u64;
     // A pooled connection the upstream closed meanwhile fails at the first write or read;
@@ -112,9 +147,11 @@ pub async fn serve(app: &FastPathApp, conn: &mut L4Stream, buf: &mut Vec<u8>, he
     let replayable = !streamed && head.idempotent(buf);
     let mut token = token;
     let mut auth_retried = false;
+    // RFC 9110 §15.2: no 1xx to an HTTP/1.0 client (pingora sends them; see the module doc).
+    let forward_1xx = head.minor == 1;
 
     let (mut up, resp, rbuf) = 'auth: loop {
-        let up_head = upstream_head(spec, &route, &token, head, buf);
+        let up_head = upstream_head(spec, &route, token.as_deref(), head, buf);
         let whole_request = [&up_head[..], &buf[head.len..head.len + in_buf]].concat();
         let mut pooled = upstream::checkout(&pool_key);
         let (up, resp, rbuf) = loop {
@@ -128,71 +165,75 @@ pub async fn serve(app: &FastPathApp, conn: &mut L4Stream, buf: &mut Vec<u8>, he
                 },
                 None => match upstream::connect(&app.connector, &route, addr).await {
                     Ok(s) => s,
-                    Err(e) => return bad_gateway(conn, &route, head, buf, started, access_log, e.kind).await,
+                    Err(e) => return x.bad_gateway(conn, buf, e.kind).await,
                 },
             };
             if write_all_flush(&mut up, &whole_request).await.is_err() {
                 if reused {
                     continue;
                 }
-                return bad_gateway(conn, &route, head, buf, started, access_log, "WriteError").await;
+                return x.bad_gateway(conn, buf, "WriteError").await;
             }
             if streamed && stream_request_body(conn, &mut up, body_len - in_buf as u64).await.is_err() {
                 // The client's body did not arrive whole: nothing sensible can be answered.
                 return Outcome::Close;
             }
-            match read_response_head(&mut up, read_timeout).await {
+            match read_response_head(&mut up, conn, forward_1xx, read_timeout, &mut x).await {
                 Ok((resp, rbuf)) => break (up, resp, rbuf),
-                Err(RespError::Closed) if reused && replayable => continue,
-                Err(e) => return bad_gateway(conn, &route, head, buf, started, access_log, e.as_str()).await,
+                Err(RespError::Closed) if reused && replayable && x.informational.is_none() => continue,
+                Err(RespError::Client(e)) => {
+                    x.finish(buf, x.informational.unwrap_or(502), token.as_deref(), Some(e));
+                    return Outcome::Close;
+                }
+                Err(e) => return x.bad_gateway(conn, buf, e.as_str()).await,
             }
         };
+        let Some(current) = token.clone() else { break 'auth (up, resp, rbuf) };
         // What the upstream said about the token, decided as on pingora's path.
         let answer = tproxy::Answer {
             status: resp.status,
             dpop_nonce: resp.header(&rbuf, b"dpop-nonce").and_then(|v| std::str::from_utf8(v).ok()),
             challenges: resp.all(&rbuf, b"www-authenticate").collect(),
         };
-        let path = String::from_utf8_lossy(head.path(buf));
         let sent = tproxy::Sent {
-            path: &path,
-            is_probe: head
-                .fields
-                .iter()
-                .any(|(n, _)| buf[n.clone()].eq_ignore_ascii_case(tproxy::PROBE_HEADER.as_bytes())),
+            path,
+            is_probe: is_probe(head, buf),
             idempotent: head.idempotent(buf),
             buffered: !streamed,
             body_done: true,
             auth_retried,
-            body_judged_later: false,
+            body_judged_later: tproxy::graphql_inspected(spec, resp.status, resp.header(&rbuf, b"content-type")),
         };
-        // Routes with a session probe are delegated, so `probe` is never asked for here.
-        match tproxy::judge_answer(&route, &cell, &token, &answer, &sent, token_wait, |_| {}).await {
+        let probe = |p: &str| tproxy::send_probe(&app.gateway, host_value(head, buf), p);
+        match tproxy::judge_answer(&route, &cell, &current, &answer, &sent, token_wait, probe).await {
             tproxy::Verdict::Pass => break 'auth (up, resp, rbuf),
             tproxy::Verdict::ReplaySameToken => {}
-            tproxy::Verdict::ReplayWith(fresh) => token = fresh,
+            tproxy::Verdict::ReplayWith(fresh) => token = Some(fresh),
         }
         // The rejected answer is dropped with its connection; the request goes again.
         auth_retried = true;
     };
     let status = resp.status;
 
-    let keep_client = !head.close && !down;
     let no_body = head.is_head(buf) || status == 204 || status == 304;
     let framing = if no_body {
         Framing::None
     } else if let Some(te) = resp.header(&rbuf, b"transfer-encoding") {
         if !te.trim_ascii().eq_ignore_ascii_case(b"chunked") || resp.count(&rbuf, b"transfer-encoding") != 1 {
-            return bad_gateway(conn, &route, head, buf, started, access_log, "InvalidHTTPHeader").await;
+            return x.bad_gateway(conn, buf, "InvalidHTTPHeader").await;
         }
         Framing::Chunked
     } else {
         match resp.content_length(&rbuf) {
             Ok(Some(n)) => Framing::Length(n),
             Ok(None) => Framing::Close,
-            Err(()) => return bad_gateway(conn, &route, head, buf, started, access_log, "InvalidHTTPHeader").await,
+            Err(()) => return x.bad_gateway(conn, buf, "InvalidHTTPHeader").await,
         }
     };
+    // An HTTP/1.0 client cannot read chunked framing (RFC 9112 §7.1, pingora sends it
+    // anyway): a body without a length goes to it close-delimited, data only.
+    let dechunk = head.minor == 0 && matches!(framing, Framing::Chunked | Framing::Close);
+    let keep_client = !head.close && !down && !dechunk;
     let upstream_keeps = resp.minor == 1
         && framing != Framing::Close
         && !resp
@@ -217,26 +258,116 @@ pub async fn serve(app: &FastPathApp, conn: &mut L4Stream, buf: &mut Vec<u8>, he
         }
         push_field(&mut out, name, &rbuf[v.clone()]);
     }
-    if matches!(framing, Framing::Chunked | Framing::Close) {
+    if matches!(framing, Framing::Chunked | Framing::Close) && !dechunk {
         out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
     }
     push_field(&mut out, b"Date", pingora::protocols::http::date::get_cached_date().as_bytes());
     push_field(&mut out, b"Connection", if keep_client { b"keep-alive" } else { b"close" });
     out.extend_from_slice(b"\r\n");
 
-    let body_start = resp.len;
-    let complete = relay_body(conn, &mut up, &rbuf[body_start..], framing, out, read_timeout).await;
-    let ok = complete.is_ok();
-    if ok && upstream_keeps && complete == Ok(true) {
+    // A GraphQL 200 is judged on its whole body (up to the inspection limit) once relayed.
+    let inspect = token.is_some() && tproxy::graphql_inspected(spec, status, resp.header(&rbuf, b"content-type"));
+    let mut relay = Relay {
+        conn,
+        up: &mut up,
+        read_timeout,
+        write_timeout: x.write_timeout,
+        graphql: inspect.then(Vec::new),
+        sent: false,
+    };
+    let complete = relay.body(&rbuf[resp.len..], framing, dechunk, out).await;
+    let graphql = relay.graphql.take();
+    if let (Err(e), false) = (complete, relay.sent) {
+        // Bad framing seen in the bytes that came with the head: nothing went out yet.
+        return x.bad_gateway(conn, buf, e).await;
+    }
+    if complete == Ok(true) && upstream_keeps {
         upstream::checkin(pool_key, up, limits);
     }
-    finish(&route, head, buf, status, started, Some(&token), access_log);
+    if let (Ok(_), Some(body), Some(t)) = (&complete, graphql, &token) {
+        let probe = |p: &str| tproxy::send_probe(&app.gateway, host_value(head, buf), p);
+        tproxy::judge_graphql_body(&route, &cell, t, &body, path, is_probe(head, buf), probe);
+    }
+    x.finish(buf, status, token.as_deref(), complete.err());
     buf.drain(..head.len + in_buf);
-    metrics::get().fastpath_total.with_label_values(&["fast", "served"]).inc();
-    if ok && keep_client {
+    fast("served");
+    if complete.is_ok() && keep_client {
         Outcome::KeepAlive
     } else {
         Outcome::Close
+    }
+}
+
+fn fast(reason: &'static str) {
+    if reason == "served" {
+        // Every relayed answer: the pre-resolved counter, no label lookup.
+        metrics::fastpath_served().inc();
+    } else {
+        metrics::get().fastpath_total.with_label_values(&["fast", reason]).inc();
+    }
+}
+
+fn is_probe(head: &Head, buf: &[u8]) -> bool {
+    head.fields.iter().any(|(n, _)| buf[n.clone()].eq_ignore_ascii_case(tproxy::PROBE_HEADER.as_bytes()))
+}
+
+/// The client's Host, which the session probe repeats (as on pingora's path).
+fn host_value(head: &Head, buf: &[u8]) -> Option<http::HeaderValue> {
+    http::HeaderValue::from_bytes(head.host(buf)).ok()
+}
+
+/// One request's facts for the answers tollgate writes itself and the access log.
+struct Exchange<'a> {
+    route: &'a Arc<RouteEntry>,
+    head: &'a Head,
+    started: Instant,
+    access_log: bool,
+    /// Bound on each write to the client (see the module doc of [`super`]).
+    write_timeout: Duration,
+    /// The last 1xx answer forwarded to the client, if any.
+    informational: Option<u16>,
+}
+
+impl Exchange<'_> {
+    /// A 502 when the upstream failed before any byte reached the client; the connection
+    /// then closes, as pingora's `fail_to_proxy` does. After a 1xx, like pingora, nothing
+    /// more is written: the connection just closes.
+    async fn bad_gateway(&self, conn: &mut L4Stream, buf: &[u8], what: &'static str) -> Outcome {
+        let status = match self.informational {
+            Some(s) => s,
+            None => {
+                let body = json!({"error": "bad_gateway", "route": self.route.spec.name, "message": what});
+                let _ = write_json(conn, 502, &body, None, self.write_timeout).await;
+                502
+            }
+        };
+        self.finish(buf, status, None, Some(what));
+        fast("bad_gateway");
+        Outcome::Close
+    }
+
+    /// Metrics and the access log line, as `TollgateProxy::logging` writes them (`error`:
+    /// the name pingora's error type would have for the same failure).
+    fn finish(&self, buf: &[u8], status: u16, token: Option<&ActiveToken>, error: Option<&'static str>) {
+        let (route, head) = (self.route, self.head);
+        let elapsed = self.started.elapsed();
+        route.metrics.count(status);
+        route.metrics.duration.observe(elapsed.as_secs_f64());
+        if self.access_log {
+            let line = json!({
+                "ts": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+                "route": route.spec.name,
+                "provider": route.spec.provider.as_deref(),
+                "method": String::from_utf8_lossy(head.method(buf)),
+                // The query string is left out: clients put keys and personal data there.
+                "path": String::from_utf8_lossy(head.path(buf)),
+                "status": status,
+                "duration_ms": (elapsed.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
+                "token_generation": token.map(|t| t.generation),
+                "error": error,
+            });
+            println!("{line}");
+        }
     }
 }
 
@@ -250,7 +381,15 @@ enum Framing {
 
 /// The request head sent upstream: the client's fields in order minus hop-by-hop ones
 /// and the ones tollgate sets, then Host, `set_headers`, the token and its companions.
-fn upstream_head(spec: &RouteSpec, route: &RouteEntry, token: &ActiveToken, head: &Head, buf: &[u8]) -> Vec<u8> {
+/// Without a token (policy `keep` with the client's own credential) the client's field
+/// named `header_name` goes as sent and nothing is added for a token.
+fn upstream_head(
+    spec: &RouteSpec,
+    route: &RouteEntry,
+    token: Option<&ActiveToken>,
+    head: &Head,
+    buf: &[u8],
+) -> Vec<u8> {
     let target = head.target(buf);
     let rewritten = rewritten_target(spec, target);
     let target = rewritten.as_deref().unwrap_or(target);
@@ -262,10 +401,12 @@ fn upstream_head(spec: &RouteSpec, route: &RouteEntry, token: &ActiveToken, head
     let replaced = |name: &[u8]| {
         DROPPED.iter().any(|d| name.eq_ignore_ascii_case(d))
             || (!spec.preserve_host && name.eq_ignore_ascii_case(b"host"))
-            || name.eq_ignore_ascii_case(spec.header_name.as_str().as_bytes())
             || spec.set_headers.iter().any(|(k, _)| name.eq_ignore_ascii_case(k.as_str().as_bytes()))
-            || token.upstream_headers.iter().any(|(k, _)| name.eq_ignore_ascii_case(k.as_str().as_bytes()))
-            || (token.dpop.is_some() && name.eq_ignore_ascii_case(tproxy::DPOP.as_bytes()))
+            || token.is_some_and(|token| {
+                name.eq_ignore_ascii_case(spec.header_name.as_str().as_bytes())
+                    || token.upstream_headers.iter().any(|(k, _)| name.eq_ignore_ascii_case(k.as_str().as_bytes()))
+                    || (token.dpop.is_some() && name.eq_ignore_ascii_case(tproxy::DPOP.as_bytes()))
+            })
     };
     for (n, v) in &head.fields {
         let name = &buf[n.clone()];
@@ -280,6 +421,10 @@ fn upstream_head(spec: &RouteSpec, route: &RouteEntry, token: &ActiveToken, head
     for (k, v) in &spec.set_headers {
         push_field(&mut out, k.as_str().as_bytes(), v.as_bytes());
     }
+    let Some(token) = token else {
+        out.extend_from_slice(b"\r\n");
+        return out;
+    };
     push_field(&mut out, spec.header_name.as_str().as_bytes(), token.header.as_bytes());
     for (k, v) in &token.upstream_headers {
         push_field(&mut out, k.as_str().as_bytes(), v.as_bytes());
@@ -366,10 +511,13 @@ async fn stream_request_body(conn: &mut L4Stream, up: &mut Stream, mut left: u64
 }
 
 enum RespError {
+    /// Closed before the head was whole: retryable on a reused connection.
     Closed,
     Timeout,
     Invalid,
     Io,
+    /// Forwarding a 1xx to the client failed (pingora's error name).
+    Client(&'static str),
 }
 
 impl RespError {
@@ -379,6 +527,7 @@ impl RespError {
             RespError::Timeout => "ReadTimedout",
             RespError::Invalid => "InvalidHTTPHeader",
             RespError::Io => "ReadError",
+            RespError::Client(e) => e,
         }
     }
 }
@@ -423,12 +572,22 @@ impl RespHead {
     }
 }
 
-/// Read the upstream's answer head (1xx interim answers are dropped).
-async fn read_response_head(up: &mut Stream, timeout: Duration) -> Result<(RespHead, Vec<u8>), RespError> {
+/// Read the upstream's final answer head. 1xx interim answers (never 101: tollgate sends
+/// no Upgrade) go to the client as they come when `forward_1xx`, as pingora forwards them
+/// (its `ignore_info_resp` is off): status line and fields as the upstream sent them,
+/// flushed at once. Limits are pingora's (`v1/common.rs`): at most [`MAX_RESPONSE_FIELDS`]
+/// fields, [`MAX_RESPONSE_HEAD`] bytes; beyond them, or unparsable, the answer is a 502.
+async fn read_response_head(
+    up: &mut Stream,
+    conn: &mut L4Stream,
+    forward_1xx: bool,
+    timeout: Duration,
+    x: &mut Exchange<'_>,
+) -> Result<(RespHead, Vec<u8>), RespError> {
     let mut buf = Vec::with_capacity(4096);
     loop {
         if !buf.is_empty() {
-            let mut headers = [httparse::EMPTY_HEADER; 128];
+            let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_FIELDS];
             let mut resp = httparse::Response::new(&mut headers);
             match resp.parse(&buf) {
                 Ok(httparse::Status::Complete(len)) => {
@@ -436,6 +595,18 @@ async fn read_response_head(up: &mut Stream, timeout: Duration) -> Result<(RespH
                     if (100..200).contains(&status) {
                         if status == 101 {
                             return Err(RespError::Invalid);
+                        }
+                        if forward_1xx {
+                            let mut out = Vec::with_capacity(len);
+                            out.extend_from_slice(format!("HTTP/1.1 {status} ").as_bytes());
+                            out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
+                            out.extend_from_slice(b"\r\n");
+                            for h in resp.headers.iter() {
+                                push_field(&mut out, h.name.as_bytes(), h.value);
+                            }
+                            out.extend_from_slice(b"\r\n");
+                            write_client(conn, &out, x.write_timeout).await.map_err(RespError::Client)?;
+                            x.informational = Some(status);
                         }
                         buf.drain(..len);
                         continue;
@@ -450,7 +621,7 @@ async fn read_response_head(up: &mut Stream, timeout: Duration) -> Result<(RespH
                     let head = RespHead { status, minor, reason, fields, len };
                     return Ok((head, buf));
                 }
-                Ok(httparse::Status::Partial) if buf.len() < MAX_RESPONSE_HEAD => {}
+                Ok(httparse::Status::Partial) if buf.len() <= MAX_RESPONSE_HEAD => {}
                 _ => return Err(RespError::Invalid),
             }
         }
@@ -459,7 +630,8 @@ async fn read_response_head(up: &mut Stream, timeout: Duration) -> Result<(RespH
         }
         match tokio::time::timeout(timeout, up.read_buf(&mut buf)).await {
             Ok(Ok(0)) if buf.is_empty() => return Err(RespError::Closed),
-            Ok(Ok(0)) => return Err(RespError::Invalid),
+            // Part of a head, then the close: pingora too treats it as a close (`ReusedOnly`).
+            Ok(Ok(0)) => return Err(RespError::Closed),
             Ok(Ok(_)) => {}
             Ok(Err(_)) if buf.is_empty() => return Err(RespError::Closed),
             Ok(Err(_)) => return Err(RespError::Io),
@@ -468,95 +640,148 @@ async fn read_response_head(up: &mut Stream, timeout: Duration) -> Result<(RespH
     }
 }
 
-/// Send `head` and the body to the client as it arrives. `Ok(true)`: the upstream's
-/// body ended exactly where its framing said (its connection may be reused).
-async fn relay_body(
-    conn: &mut L4Stream,
-    up: &mut Stream,
-    first: &[u8],
-    framing: Framing,
-    mut head: Vec<u8>,
-    timeout: Duration,
-) -> Result<bool, ()> {
-    let mut chunk = vec![0u8; 0];
-    let mut pending: &[u8] = first;
-    match framing {
-        Framing::None => {
-            write_all_flush(conn, &head).await.map_err(|_| ())?;
-            Ok(pending.is_empty())
-        }
-        Framing::Length(total) => {
-            let mut left = total;
-            let take = pending.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-            head.extend_from_slice(&pending[..take]);
-            let extra = pending.len() > take;
-            left -= take as u64;
-            write_all_flush(conn, &head).await.map_err(|_| ())?;
-            while left > 0 {
-                if chunk.is_empty() {
-                    chunk = vec![0u8; 64 * 1024];
-                }
-                let want = chunk.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-                let n = read_up(up, &mut chunk[..want], timeout).await?;
-                if n == 0 {
-                    return Err(());
-                }
-                write_all_flush(conn, &chunk[..n]).await.map_err(|_| ())?;
-                left -= n as u64;
+/// The body of one answer on its way to the client.
+struct Relay<'a> {
+    conn: &'a mut L4Stream,
+    up: &'a mut Stream,
+    read_timeout: Duration,
+    write_timeout: Duration,
+    /// The body's data (without chunk framing) while it is inspected for GraphQL
+    /// `UNAUTHENTICATED`; dropped past the inspection limit, as on pingora's path.
+    graphql: Option<Vec<u8>>,
+    /// Something was written to the client.
+    sent: bool,
+}
+
+impl Relay<'_> {
+    /// Send `head` and the body to the client as it arrives, without holding more than
+    /// one read of it. `dechunk`: the client gets the data only, close-delimited (an
+    /// HTTP/1.0 client and a body without a length). `Ok(true)`: the upstream's body
+    /// ended exactly where its framing said (its connection may be reused). `Err`:
+    /// pingora's name for what failed.
+    async fn body(
+        &mut self,
+        first: &[u8],
+        framing: Framing,
+        dechunk: bool,
+        mut head: Vec<u8>,
+    ) -> Result<bool, &'static str> {
+        let mut chunk = vec![0u8; 0];
+        let mut pending: &[u8] = first;
+        match framing {
+            Framing::None => {
+                self.send(&head).await?;
+                Ok(pending.is_empty())
             }
-            Ok(!extra)
-        }
-        Framing::Chunked => {
-            let mut parser = Chunked::default();
-            loop {
-                match parser.feed(pending) {
-                    Feed::Invalid => return Err(()),
-                    Feed::Done(n) => {
-                        head.extend_from_slice(&pending[..n]);
-                        write_all_flush(conn, &head).await.map_err(|_| ())?;
-                        return Ok(n == pending.len());
+            Framing::Length(total) => {
+                let mut left = total;
+                let take = pending.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                head.extend_from_slice(&pending[..take]);
+                self.inspect(&pending[..take]);
+                let extra = pending.len() > take;
+                left -= take as u64;
+                self.send(&head).await?;
+                while left > 0 {
+                    if chunk.is_empty() {
+                        chunk = vec![0u8; 64 * 1024];
                     }
-                    Feed::More => {
-                        head.extend_from_slice(pending);
-                        write_all_flush(conn, &head).await.map_err(|_| ())?;
-                        head.clear();
+                    let want = chunk.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                    let n = self.read_up(&mut chunk[..want]).await?;
+                    if n == 0 {
+                        return Err("ConnectionClosed");
                     }
+                    self.inspect(&chunk[..n]);
+                    self.send(&chunk[..n]).await?;
+                    left -= n as u64;
                 }
+                Ok(!extra)
+            }
+            Framing::Chunked => {
+                let mut parser = Chunked::default();
+                let mut data = Vec::new();
+                loop {
+                    let want_data = dechunk || self.graphql.is_some();
+                    data.clear();
+                    let fed = parser.feed_into(pending, want_data.then_some(&mut data));
+                    self.inspect(&data);
+                    let (end, done) = match fed {
+                        Feed::Invalid => return Err("InvalidChunk"),
+                        Feed::Done(n) => (n, true),
+                        Feed::More => (pending.len(), false),
+                    };
+                    head.extend_from_slice(if dechunk { &data } else { &pending[..end] });
+                    self.send(&head).await?;
+                    head.clear();
+                    if done {
+                        return Ok(end == pending.len());
+                    }
+                    if chunk.is_empty() {
+                        chunk = vec![0u8; 64 * 1024];
+                    }
+                    let n = self.read_up(&mut chunk).await?;
+                    if n == 0 {
+                        return Err("ConnectionClosed");
+                    }
+                    pending = &chunk[..n];
+                }
+            }
+            Framing::Close => loop {
+                self.inspect(pending);
+                if dechunk {
+                    head.extend_from_slice(pending);
+                } else if !pending.is_empty() {
+                    head.extend_from_slice(format!("{:x}\r\n", pending.len()).as_bytes());
+                    head.extend_from_slice(pending);
+                    head.extend_from_slice(b"\r\n");
+                }
+                self.send(&head).await?;
+                head.clear();
                 if chunk.is_empty() {
                     chunk = vec![0u8; 64 * 1024];
                 }
-                let n = read_up(up, &mut chunk, timeout).await?;
+                let n = self.read_up(&mut chunk).await?;
                 if n == 0 {
-                    return Err(());
+                    if !dechunk {
+                        self.send(b"0\r\n\r\n").await?;
+                    }
+                    return Ok(false);
                 }
                 pending = &chunk[..n];
+            },
+        }
+    }
+
+    /// Write to the client; from the first call on, a failure can no longer be a 502.
+    async fn send(&mut self, bytes: &[u8]) -> Result<(), &'static str> {
+        self.sent = true;
+        write_client(self.conn, bytes, self.write_timeout).await
+    }
+
+    fn inspect(&mut self, data: &[u8]) {
+        if let Some(g) = &mut self.graphql {
+            if g.len() + data.len() > tproxy::GRAPHQL_INSPECT_LIMIT {
+                self.graphql = None;
+            } else {
+                g.extend_from_slice(data);
             }
         }
-        Framing::Close => loop {
-            if !pending.is_empty() {
-                head.extend_from_slice(format!("{:x}\r\n", pending.len()).as_bytes());
-                head.extend_from_slice(pending);
-                head.extend_from_slice(b"\r\n");
-            }
-            write_all_flush(conn, &head).await.map_err(|_| ())?;
-            head.clear();
-            if chunk.is_empty() {
-                chunk = vec![0u8; 64 * 1024];
-            }
-            let n = read_up(up, &mut chunk, timeout).await?;
-            if n == 0 {
-                write_all_flush(conn, b"0\r\n\r\n").await.map_err(|_| ())?;
-                return Ok(false);
-            }
-            pending = &chunk[..n];
-        },
+    }
+
+    async fn read_up(&mut self, into: &mut [u8]) -> Result<usize, &'static str> {
+        match tokio::time::timeout(self.read_timeout, self.up.read(into)).await {
+            Ok(Ok(n)) => Ok(n),
+            Ok(Err(_)) => Err("ReadError"),
+            Err(_) => Err("ReadTimedout"),
+        }
     }
 }
 
-async fn read_up(up: &mut Stream, into: &mut [u8], timeout: Duration) -> Result<usize, ()> {
-    match tokio::time::timeout(timeout, up.read(into)).await {
-        Ok(Ok(n)) => Ok(n),
-        _ => Err(()),
+/// Write and flush to the client within `timeout` (pingora's error names on failure).
+async fn write_client(conn: &mut L4Stream, bytes: &[u8], timeout: Duration) -> Result<(), &'static str> {
+    match tokio::time::timeout(timeout, write_all_flush(conn, bytes)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err("WriteError"),
+        Err(_) => Err("WriteTimedout"),
     }
 }
 
@@ -566,7 +791,8 @@ async fn write_json(
     status: u16,
     body: &serde_json::Value,
     retry_after: Option<u64>,
-) -> std::io::Result<()> {
+    timeout: Duration,
+) -> Result<(), &'static str> {
     let body = body.to_string();
     let reason = http::StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()).unwrap_or("");
     let mut out = Vec::with_capacity(256 + body.len());
@@ -581,52 +807,5 @@ async fn write_json(
     push_field(&mut out, b"Connection", b"close");
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body.as_bytes());
-    write_all_flush(conn, &out).await
-}
-
-/// A 502 when the upstream failed before any byte reached the client; the connection
-/// then closes, as pingora's `fail_to_proxy` does.
-async fn bad_gateway(
-    conn: &mut L4Stream,
-    route: &Arc<RouteEntry>,
-    head: &Head,
-    buf: &[u8],
-    started: Instant,
-    access_log: bool,
-    what: &str,
-) -> Outcome {
-    let body = json!({"error": "bad_gateway", "route": route.spec.name, "message": what});
-    let _ = write_json(conn, 502, &body, None).await;
-    finish(route, head, buf, 502, started, None, access_log);
-    Outcome::Close
-}
-
-/// Metrics and the access log line, as `TollgateProxy::logging` writes them.
-fn finish(
-    route: &RouteEntry,
-    head: &Head,
-    buf: &[u8],
-    status: u16,
-    started: Instant,
-    token: Option<&ActiveToken>,
-    access_log: bool,
-) {
-    let elapsed = started.elapsed();
-    route.metrics.count(status);
-    route.metrics.duration.observe(elapsed.as_secs_f64());
-    if access_log {
-        let line = json!({
-            "ts": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-            "route": route.spec.name,
-            "provider": route.spec.provider.as_deref(),
-            "method": String::from_utf8_lossy(head.method(buf)),
-            // The query string is left out: clients put keys and personal data there.
-            "path": String::from_utf8_lossy(head.path(buf)),
-            "status": status,
-            "duration_ms": (elapsed.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
-            "token_generation": token.map(|t| t.generation),
-            "error": serde_json::Value::Null,
-        });
-        println!("{line}");
-    }
+    write_client(conn, &out, timeout).await
 }

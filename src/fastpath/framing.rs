@@ -1,5 +1,6 @@
-//! Where a chunked upstream body ends, found while its bytes pass through unchanged.
-//! Pure, no I/O. Strict: hex sizes without sign or spaces before the extension, CRLF
+//! Where a chunked upstream body ends, found while its bytes pass through unchanged,
+//! and (when asked) its data bytes without the framing: an HTTP/1.0 client gets those
+//! close-delimited, and a GraphQL answer is judged on them. Pure, no I/O. Strict: hex sizes without sign or spaces before the extension, CRLF
 //! only, a size of at most 15 hex digits; trailers are passed through.
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +55,11 @@ impl Default for Chunked {
 
 impl Chunked {
     pub fn feed(&mut self, bytes: &[u8]) -> Feed {
+        self.feed_into(bytes, None)
+    }
+
+    /// [`Chunked::feed`], also appending the chunks' data bytes to `data`.
+    pub fn feed_into(&mut self, bytes: &[u8], mut data: Option<&mut Vec<u8>>) -> Feed {
         let mut i = 0;
         while i < bytes.len() {
             let b = bytes[i];
@@ -78,6 +84,9 @@ impl Chunked {
                 },
                 State::Data { left } => {
                     let take = (bytes.len() - i).min(usize::try_from(left).unwrap_or(usize::MAX));
+                    if let Some(d) = data.as_deref_mut() {
+                        d.extend_from_slice(&bytes[i..i + take]);
+                    }
                     i += take;
                     let left = left - take as u64;
                     self.state = if left == 0 { State::DataCr } else { State::Data { left } };
@@ -138,6 +147,21 @@ mod tests {
         }
         assert_eq!(whole(b"0\r\n\r\n"), Feed::Done(5));
         assert_eq!(whole(b"A\r\n0123456789\r\n0\r\n"), Feed::More);
+    }
+
+    #[test]
+    fn the_data_is_what_remains_without_the_framing_whatever_the_split() {
+        let body = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-T: 1\r\n\r\n";
+        for split in 0..body.len() {
+            let (mut c, mut data) = (Chunked::default(), Vec::new());
+            let (a, b) = body.split_at(split);
+            let mut end = c.feed_into(a, Some(&mut data));
+            if end == Feed::More {
+                end = c.feed_into(b, Some(&mut data));
+            }
+            assert!(matches!(end, Feed::Done(_)), "split {split}");
+            assert_eq!(data, b"hello world", "split {split}");
+        }
     }
 
     #[test]

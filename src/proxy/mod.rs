@@ -56,7 +56,7 @@ pub struct Ctx {
 }
 
 /// Limit on the GraphQL response body inspected for `UNAUTHENTICATED`.
-const GRAPHQL_INSPECT_LIMIT: usize = 256 * 1024;
+pub(crate) const GRAPHQL_INSPECT_LIMIT: usize = 256 * 1024;
 
 impl TollgateProxy {
     /// Ask the route's session probe, through this proxy (so it gets the same token,
@@ -67,26 +67,32 @@ impl TollgateProxy {
     }
 
     fn probe_with_host(&self, host: Option<http::HeaderValue>, path: &str) {
-        let mut addr = self.gateway.active().settings.proxy.listen;
-        if addr.ip().is_unspecified() {
-            addr.set_ip(if addr.is_ipv4() { Ipv4Addr::LOCALHOST.into() } else { Ipv6Addr::LOCALHOST.into() });
-        }
-        let url = format!("http://{addr}{path}");
-        tokio::spawn(async move {
-            static CLIENT: std::sync::LazyLock<Option<reqwest::Client>> = std::sync::LazyLock::new(|| {
-                reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(10)).build().ok()
-            });
-            let Some(client) = CLIENT.as_ref() else { return };
-            let mut req = client.get(&url).header(PROBE_HEADER, "1");
-            if let Some(h) = host {
-                req = req.header(HOST, h);
-            }
-            match req.send().await {
-                Ok(r) => tracing::info!(status = r.status().as_u16(), "session probe answered"),
-                Err(e) => tracing::warn!(error = %e.without_url(), "session probe failed"),
-            }
-        });
+        send_probe(&self.gateway, host, path);
     }
+}
+
+/// Ask the route's session probe at `path` through this proxy (see `TollgateProxy::probe`);
+/// shared with the fast path, which serves such routes too.
+pub(crate) fn send_probe(gateway: &Gateway, host: Option<http::HeaderValue>, path: &str) {
+    let mut addr = gateway.active().settings.proxy.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() { Ipv4Addr::LOCALHOST.into() } else { Ipv6Addr::LOCALHOST.into() });
+    }
+    let url = format!("http://{addr}{path}");
+    tokio::spawn(async move {
+        static CLIENT: std::sync::LazyLock<Option<reqwest::Client>> = std::sync::LazyLock::new(|| {
+            reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(10)).build().ok()
+        });
+        let Some(client) = CLIENT.as_ref() else { return };
+        let mut req = client.get(&url).header(PROBE_HEADER, "1");
+        if let Some(h) = host {
+            req = req.header(HOST, h);
+        }
+        match req.send().await {
+            Ok(r) => tracing::info!(status = r.status().as_u16(), "session probe answered"),
+            Err(e) => tracing::warn!(error = %e.without_url(), "session probe failed"),
+        }
+    });
 }
 
 #[async_trait]
@@ -142,20 +148,16 @@ impl ProxyHttp for TollgateProxy {
             return Ok(false);
         };
         let client_sent = session.req_header().headers.contains_key(&route.spec.header_name);
-        match (route.spec.authorization, client_sent) {
-            (AuthorizationPolicy::Reject, true) => {
-                let body = json!({
-                    "error": "client_credentials_not_allowed",
-                    "message": format!("this route adds its own `{}` header; do not send one", route.spec.header_name),
-                });
+        match client_credential(&route.spec, client_sent) {
+            ClientCredential::Refuse(body) => {
                 respond::json(session, 400, &body, None).await?;
                 return Ok(true);
             }
-            (AuthorizationPolicy::Keep, true) => {
+            ClientCredential::Keep => {
                 ctx.keep_client_auth = true;
                 return Ok(false);
             }
-            _ => {}
+            ClientCredential::Inject => {}
         }
         if !route.spec.retry_on_status.is_empty() {
             // Keep the body (up to pingora's 64 KiB retry buffer) so that a request whose
@@ -261,7 +263,7 @@ impl ProxyHttp for TollgateProxy {
         let Some(route) = ctx.route.clone() else { return Ok(()) };
         let (Some(cell), Some(token)) = (&route.cell, ctx.token.clone()) else { return Ok(()) };
         let status = resp.status.as_u16();
-        if route.spec.graphql_unauthenticated && status == 200 && is_json(resp) {
+        if graphql_inspected(&route.spec, status, resp.headers.get(http::header::CONTENT_TYPE).map(|v| v.as_bytes())) {
             ctx.graphql_body = Some(bytes::BytesMut::new());
         }
         let body_done = session.is_body_done();
@@ -313,34 +315,11 @@ impl ProxyHttp for TollgateProxy {
             }
         }
         if end_of_stream {
-            if let Some(buf) = ctx.graphql_body.take() {
-                let unauthenticated = graphql_unauthenticated(&buf);
-                if let (false, Some(route), Some(token)) = (unauthenticated, &ctx.route, &ctx.token) {
-                    if let Some(cell) = &route.cell {
-                        cell.accepted(token.generation);
-                    }
-                }
-                if unauthenticated {
-                    if let (Some(route), Some(token)) = (&ctx.route, &ctx.token) {
-                        if let Some(cell) = &route.cell {
-                            metrics::get().upstream_auth_rejected_total.with_label_values(&[&route.spec.name]).inc();
-                            if cell.human_only()
-                                && cell.suspect(token.generation, _session.req_header().uri.path())
-                                    == Suspicion::Suspected
-                            {
-                                warn!(route = %route.spec.name, provider = %cell.name(), "GraphQL UNAUTHENTICATED for a token only a human can renew: a suspicion, the token stays");
-                                let is_probe = _session.req_header().headers.contains_key(PROBE_HEADER);
-                                if let (Some(probe), false) = (&route.spec.session_probe, is_probe) {
-                                    if cell.probe_due() {
-                                        self.probe(_session, probe);
-                                    }
-                                }
-                                return Ok(None);
-                            }
-                            let invalidated = cell.invalidate(token.generation, route.reauth_min_interval);
-                            warn!(route = %route.spec.name, provider = %cell.name(), invalidated, "GraphQL UNAUTHENTICATED: token invalidated");
-                        }
-                    }
+            if let (Some(buf), Some(route), Some(token)) = (ctx.graphql_body.take(), &ctx.route, &ctx.token) {
+                if let Some(cell) = &route.cell {
+                    let req = _session.req_header();
+                    let is_probe = req.headers.contains_key(PROBE_HEADER);
+                    judge_graphql_body(route, cell, token, &buf, req.uri.path(), is_probe, |p| self.probe(_session, p));
                 }
             }
         }
@@ -642,10 +621,65 @@ fn may_replay_after_rejection(status: u16, idempotent: bool, buffered: bool, bod
     }
 }
 
-fn is_json(resp: &ResponseHeader) -> bool {
-    resp.headers
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().windows(4).any(|w| w.eq_ignore_ascii_case(b"json")))
+/// Whether an answer's body is read (up to [`GRAPHQL_INSPECT_LIMIT`]) for a GraphQL
+/// `UNAUTHENTICATED` before the token counts as accepted: a 200 JSON answer on a route
+/// that asks for it.
+pub(crate) fn graphql_inspected(spec: &crate::config::RouteSpec, status: u16, content_type: Option<&[u8]>) -> bool {
+    spec.graphql_unauthenticated
+        && status == 200
+        && content_type.is_some_and(|v| v.windows(4).any(|w| w.eq_ignore_ascii_case(b"json")))
+}
+
+/// What a whole inspected GraphQL body (see [`graphql_inspected`]) says about the token:
+/// accepted, or rejected (metrics, suspicion for a token only a human can renew, with
+/// `probe` asked for the route's session probe, else invalidation). Shared by pingora's
+/// body filter and the fast path.
+pub(crate) fn judge_graphql_body(
+    route: &RouteEntry,
+    cell: &crate::token::TokenCell,
+    token: &ActiveToken,
+    body: &[u8],
+    path: &str,
+    is_probe: bool,
+    probe: impl FnOnce(&str),
+) {
+    if !graphql_unauthenticated(body) {
+        cell.accepted(token.generation);
+        return;
+    }
+    metrics::get().upstream_auth_rejected_total.with_label_values(&[&route.spec.name]).inc();
+    if cell.human_only() && cell.suspect(token.generation, path) == Suspicion::Suspected {
+        warn!(route = %route.spec.name, provider = %cell.name(), "GraphQL UNAUTHENTICATED for a token only a human can renew: a suspicion, the token stays");
+        if let (Some(p), false) = (&route.spec.session_probe, is_probe) {
+            if cell.probe_due() {
+                probe(p);
+            }
+        }
+        return;
+    }
+    let invalidated = cell.invalidate(token.generation, route.reauth_min_interval);
+    warn!(route = %route.spec.name, provider = %cell.name(), invalidated, "GraphQL UNAUTHENTICATED: token invalidated");
+}
+
+/// What a route does with the request's own credential (its `header_name` field).
+pub(crate) enum ClientCredential {
+    /// None was sent, or the policy is `overwrite`: the provider's token is injected.
+    Inject,
+    /// Policy `keep`: the client's credential goes upstream as sent; no token is added.
+    Keep,
+    /// Policy `reject`: a 400 with this JSON body.
+    Refuse(serde_json::Value),
+}
+
+pub(crate) fn client_credential(spec: &crate::config::RouteSpec, client_sent: bool) -> ClientCredential {
+    match (spec.authorization, client_sent) {
+        (AuthorizationPolicy::Reject, true) => ClientCredential::Refuse(json!({
+            "error": "client_credentials_not_allowed",
+            "message": format!("this route adds its own `{}` header; do not send one", spec.header_name),
+        })),
+        (AuthorizationPolicy::Keep, true) => ClientCredential::Keep,
+        _ => ClientCredential::Inject,
+    }
 }
 
 /// RFC 9449's proof header.
