@@ -283,7 +283,8 @@ impl ProxyHttp for TollgateProxy {
             auth_retried: ctx.auth_retried,
             body_judged_later: ctx.graphql_body.is_some(),
         };
-        let verdict = judge_answer(&route, cell, &token, &answer, &request, ctx.token_wait, |p| self.probe(session, p)).await;
+        let verdict =
+            judge_answer(&route, cell, &token, &answer, &request, ctx.token_wait, |p| self.probe(session, p)).await;
         let message = match verdict {
             Verdict::Pass => return Ok(()),
             Verdict::ReplaySameToken => "upstream asked for a DPoP nonce; replaying with it",
