@@ -380,7 +380,7 @@ async fn exchange(addr: SocketAddr, pieces: &[Vec<u8>], heads: &[bool]) -> Reply
 fn dechunk(raw: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     let mut i = 0;
-    while let Some(e) = find(&raw[i..], b"\r\n") {
+    while let Some(e) = raw.get(i..).and_then(|rest| find(rest, b"\r\n")) {
         let line = &raw[i..i + e];
         let size_text = line.split(|&b| b == b';').next().unwrap_or(line);
         let Ok(size) = usize::from_str_radix(&String::from_utf8_lossy(size_text), 16) else {
@@ -396,7 +396,7 @@ fn dechunk(raw: &[u8]) -> Vec<u8> {
             }
             break;
         }
-        out.extend_from_slice(&raw[i..(i + size).min(raw.len())]);
+        out.extend_from_slice(raw.get(i..(i + size).min(raw.len())).unwrap_or_default());
         i += size + 2;
     }
     out
