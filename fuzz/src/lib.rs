@@ -211,18 +211,6 @@ thread_local! {
 async fn request_head(data: &[u8]) -> bool {
     use tollgate::fastpath::parse::{parse, Parsed};
     let Parsed::Plain(head) = parse(data) else { return false };
-    // KNOWN DIFFERENCE `host_userinfo`, to be fixed in src/fastpath/parse.rs: pingora
-    // answers 400 to a `Host` holding `@` (userinfo), the fast path takes it as plain.
-    // Remove this skip with the fix.
-    if head.host(data).contains(&b'@') {
-        return false;
-    }
-    // KNOWN DIFFERENCE `target_fragment`, to be fixed in src/fastpath/parse.rs: pingora
-    // drops a `#fragment` from the target (http::Uri) before routing and forwarding; the
-    // fast path forwards it. Remove this skip with the fix.
-    if head.target(data).contains(&b'#') {
-        return false;
-    }
     let shown = String::from_utf8_lossy(&data[..head.len]);
     let mut session = pingora::proxy::Session::new_h1(Box::new(std::io::Cursor::new(data.to_vec())));
     match session.read_request().await {

@@ -23,8 +23,16 @@
 //!   at most 64 KiB) must finish within `proxy.upstream_read_timeout`, the bound on a
 //!   silent upstream, else the exchange ends with `WriteTimedout` in the access log.
 //! - Upstream answer heads are parsed strictly (no obs-fold, no space before the colon,
-//!   Transfer-Encoding exactly `chunked`): pingora's response parser allows the first two
-//!   and reads other codings close-delimited; here those get a 502 `InvalidHTTPHeader`.
+//!   a Transfer-Encoding whose last coding is `chunked`, once): pingora's response parser
+//!   allows the first two and reads other codings close-delimited; here those get a 502
+//!   `InvalidHTTPHeader`. Codings before `chunked` (`gzip, chunked`) are forwarded with
+//!   their field, as pingora does; an HTTP/1.0 client cannot take them and gets a 502.
+//! - The answer's fields keep the upstream's order and `Date` and `Connection` come last;
+//!   pingora groups repeated names at their first place (its `HeaderMap`) and keeps
+//!   `Date`/`Connection` where they were. Equal in meaning (RFC 9110 §5.3).
+//! - Trailer fields of a chunked answer are forwarded (RFC 9110 §6.5); pingora drops them.
+//! - An HTTP/1.0 upstream answer gets tollgate's own version in the status line,
+//!   HTTP/1.1 (RFC 9110 §2.5); pingora copies the upstream's.
 //! - A body whose framing is already bad in the bytes that came with the head (a bad
 //!   first chunk) gets a 502 here, since nothing was sent yet; pingora writes the head
 //!   first and then closes. Once anything was written, both just close; the access log
@@ -215,12 +223,27 @@ pub async fn serve(app: &FastPathApp, conn: &mut L4Stream, buf: &mut Vec<u8>, he
     };
     let status = resp.status;
 
-    let no_body = head.is_head(buf) || status == 204 || status == 304;
+    let is_head = head.is_head(buf);
+    let no_body = is_head || status == 204 || status == 304;
+    // Codings other than chunked (`gzip, chunked`) are end-to-end data for the client:
+    // the value is forwarded as is, the framing is still the final `chunked`.
+    let mut codings: Option<&[u8]> = None;
     let framing = if no_body {
         Framing::None
     } else if let Some(te) = resp.header(&rbuf, b"transfer-encoding") {
-        if !te.trim_ascii().eq_ignore_ascii_case(b"chunked") || resp.count(&rbuf, b"transfer-encoding") != 1 {
+        let last_chunked =
+            te.rsplit(|&b| b == b',').next().is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        let chunked_once =
+            te.split(|&b| b == b',').filter(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked")).count() == 1;
+        if !last_chunked || !chunked_once || resp.count(&rbuf, b"transfer-encoding") != 1 {
             return x.bad_gateway(conn, buf, "InvalidHTTPHeader").await;
+        }
+        if !te.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+            if head.minor == 0 {
+                // An HTTP/1.0 client cannot be told about a transfer coding at all.
+                return x.bad_gateway(conn, buf, "InvalidHTTPHeader").await;
+            }
+            codings = Some(te.trim_ascii());
         }
         Framing::Chunked
     } else {
@@ -249,7 +272,9 @@ pub async fn serve(app: &FastPathApp, conn: &mut L4Stream, buf: &mut Vec<u8>, he
     out.extend_from_slice(b"\r\n");
     for (n, v) in &resp.fields {
         let name = &rbuf[n.clone()];
-        if DROPPED_RESPONSE.iter().any(|d| name.eq_ignore_ascii_case(d)) {
+        // A HEAD answer's Transfer-Encoding says how a GET would be framed: kept, as pingora does.
+        let head_te = is_head && name.eq_ignore_ascii_case(b"transfer-encoding");
+        if !head_te && DROPPED_RESPONSE.iter().any(|d| name.eq_ignore_ascii_case(d)) {
             continue;
         }
         // Transfer-Encoding overrides a length (RFC 9112 §6.3); pingora drops the length too.
@@ -259,7 +284,7 @@ pub async fn serve(app: &FastPathApp, conn: &mut L4Stream, buf: &mut Vec<u8>, he
         push_field(&mut out, name, &rbuf[v.clone()]);
     }
     if matches!(framing, Framing::Chunked | Framing::Close) && !dechunk {
-        out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
+        push_field(&mut out, b"Transfer-Encoding", codings.unwrap_or(b"chunked"));
     }
     push_field(&mut out, b"Date", pingora::protocols::http::date::get_cached_date().as_bytes());
     push_field(&mut out, b"Connection", if keep_client { b"keep-alive" } else { b"close" });
@@ -408,15 +433,15 @@ fn upstream_head(
                     || (token.dpop.is_some() && name.eq_ignore_ascii_case(tproxy::DPOP.as_bytes()))
             })
     };
-    for (n, v) in &head.fields {
+    let authority: &[u8] = if spec.preserve_host { head.host(buf) } else { spec.upstream.authority.as_bytes() };
+    for (i, (n, v)) in head.fields.iter().enumerate() {
         let name = &buf[n.clone()];
-        if !replaced(name) {
+        if i == head.host && !spec.preserve_host {
+            // The upstream's Host where the client's was, as pingora writes it.
+            push_field(&mut out, b"Host", authority);
+        } else if !replaced(name) {
             push_field(&mut out, name, &buf[v.clone()]);
         }
-    }
-    let authority: &[u8] = if spec.preserve_host { head.host(buf) } else { spec.upstream.authority.as_bytes() };
-    if !spec.preserve_host {
-        push_field(&mut out, b"Host", authority);
     }
     for (k, v) in &spec.set_headers {
         push_field(&mut out, k.as_str().as_bytes(), v.as_bytes());

@@ -109,7 +109,8 @@ pub fn parse(buf: &[u8]) -> Parsed {
     }
     // Visible ASCII that `http::Uri` takes as is: pingora percent-encodes anything else
     // and routes on the result, so such targets go to it.
-    if !target.bytes().all(|b| b.is_ascii_graphic() && !b"\"<>\\^`{|}".contains(&b)) {
+    // A `#fragment` is never sent upstream (pingora drops it): such targets go to pingora too.
+    if !target.bytes().all(|b| b.is_ascii_graphic() && !b"\"<>\\^`{|}#".contains(&b)) {
         return Parsed::NotPlain("target_chars");
     }
     let span = |s: &[u8]| {
@@ -127,7 +128,9 @@ pub fn parse(buf: &[u8]) -> Parsed {
             return Parsed::NotPlain("field");
         }
         if name.eq_ignore_ascii_case(b"host") {
-            if host.is_some() || value.is_empty() {
+            // An authority (RFC 3986 §3.2) without userinfo, which pingora refuses with a 400.
+            let authority = |b: &u8| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:[]%".contains(b);
+            if host.is_some() || value.is_empty() || !value.iter().all(authority) {
                 return Parsed::NotPlain("host");
             }
             host = Some(i);
@@ -291,5 +294,15 @@ mod tests {
         plain(b"GET /clean HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
         plain(b"GET /a%20b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
         plain(b"POST /one HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello");
+        plain(b"GET /v6 HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n");
+    }
+
+    /// Found by the differential fuzz target: pingora answers 400 to userinfo in Host and
+    /// drops a fragment from the target; both go to pingora rather than be copied here.
+    #[test]
+    fn userinfo_in_host_and_a_fragment_in_the_target_are_not_plain() {
+        assert_eq!(not_plain(b"GET /ui HTTP/1.1\r\nHost: user@x\r\n\r\n"), "host");
+        assert_eq!(not_plain(b"GET /h HTTP/1.1\r\nHost: x y\r\n\r\n"), "host");
+        assert_eq!(not_plain(b"GET /fr?q=1#frag HTTP/1.1\r\nHost: x\r\n\r\n"), "target_chars");
     }
 }
