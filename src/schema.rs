@@ -119,9 +119,11 @@ pub struct ProxyConfig {
     /// before the far end forgets it and a request is never sent into a dead one.
     #[serde(default = "default_upstream_idle_timeout", with = "humantime_serde")]
     pub upstream_idle_timeout: Duration,
-    /// Serve plain HTTP/1 requests on tollgate's own strict fast path (issue 13), handing
-    /// everything else to pingora. Off until the fast path carries every feature.
-    #[serde(default)]
+    /// Serve plain HTTP/1 requests on tollgate's own strict fast path, handing everything
+    /// else to pingora: the same features at a fraction of stock pingora-proxy's cost per
+    /// request. `false` sends every connection to pingora (a way out, should the fast
+    /// path ever misbehave with some client).
+    #[serde(default = "default_fast_path")]
     pub fast_path: bool,
 }
 
@@ -131,6 +133,10 @@ fn default_dns_refresh_min() -> Duration {
 
 fn default_dns_refresh_max() -> Duration {
     Duration::from_secs(300)
+}
+
+fn default_fast_path() -> bool {
+    true
 }
 
 fn default_upstream_idle_timeout() -> Duration {
@@ -156,7 +162,7 @@ impl Default for ProxyConfig {
             upstream_dns_refresh_min: default_dns_refresh_min(),
             upstream_dns_refresh_max: default_dns_refresh_max(),
             upstream_idle_timeout: default_upstream_idle_timeout(),
-            fast_path: false,
+            fast_path: default_fast_path(),
         }
     }
 }
