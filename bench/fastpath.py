@@ -588,7 +588,7 @@ def main():
     ap.add_argument("--bare-source", default=os.path.join(REPO, "examples/bare_proxy.rs"),
                     help=f"the bare pingora TLS target runs when this file mentions {BARE_TLS_KNOB}")
     ap.add_argument("--quick", action="store_true",
-                    help="smoke test (~3 min): 1 round of 3 s steps, 300 callgrind requests, short quiet waits")
+                    help="smoke test (~3 min): 1 round of 3 s steps, 200 callgrind requests, short quiet waits")
     ap.add_argument("--kinds", default=",".join(KINDS), help="proxies: " + ",".join(KINDS))
     ap.add_argument("--upstreams", default="plain,tls")
     ap.add_argument("--rounds", type=int, default=3)
@@ -611,9 +611,9 @@ def main():
     a = ap.parse_args()
     if a.quick:
         given = {arg.split("=", 1)[0] for arg in sys.argv[1:]}
-        for opt, attr, val in (("--rounds", "rounds", 1), ("--duration", "duration", 3), ("--callgrind", "callgrind", 300),
-                               ("--callgrind-warmup", "callgrind_warmup", 50), ("--callgrind-idle", "callgrind_idle", 1.0),
-                               ("--quiet-wait", "quiet_wait", 15), ("--noise-budget", "noise_budget", 30),
+        for opt, attr, val in (("--rounds", "rounds", 1), ("--duration", "duration", 3), ("--callgrind", "callgrind", 200),
+                               ("--callgrind-warmup", "callgrind_warmup", 30), ("--callgrind-idle", "callgrind_idle", 1.0),
+                               ("--quiet-wait", "quiet_wait", 10), ("--noise-budget", "noise_budget", 20),
                                ("--noise-retries", "noise_retries", 1)):
             if opt not in given:
                 setattr(a, attr, val)
