@@ -535,7 +535,7 @@ def report(d, facts, label):
             w("")
         sh = fast_share(d, on)
         if sh is not None and sh < 0.99:
-            w(f"**Note**: with `fast_path = true` the fast path served only {100 * sh:.0f} % of this target's requests; "
+            w(f"**Note**: with `fast_path = true` the fast path served {100 * sh:.0f} % of this target's requests; "
               "the rest went to pingora (reasons in the counters below), so its figures are largely pingora's.")
             w("")
     w("## Which path served the requests (tollgate targets)")
@@ -581,7 +581,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--label", default="fastpath")
     ap.add_argument("--out-md", required=True)
-    ap.add_argument("--out-json", required=True)
+    ap.add_argument("--out-json", help="raw JSON output (required unless --render)")
+    ap.add_argument("--render", metavar="RAW_JSON", help="only write the report (--out-md) again from a run's raw JSON")
     ap.add_argument("--facts")
     ap.add_argument("--tollgate", default=os.path.join(REPO, "target/release/tollgate"))
     ap.add_argument("--bare-proxy", default=os.path.join(REPO, "target/release/examples/bare_proxy"))
@@ -609,6 +610,15 @@ def main():
     ap.add_argument("--keep-work", action="store_true")
     ap.add_argument("--keep-raw", action="store_true")
     a = ap.parse_args()
+    if a.render:
+        with open(a.render) as f:
+            raw = json.load(f)
+        with open(a.out_md, "w") as f:
+            f.write(report(raw["run"], raw.get("facts") or {}, raw.get("label") or a.label))
+        log(f"wrote {a.out_md} from {a.render}")
+        return
+    if not a.out_json:
+        ap.error("--out-json is required")
     if a.quick:
         given = {arg.split("=", 1)[0] for arg in sys.argv[1:]}
         for opt, attr, val in (("--rounds", "rounds", 1), ("--duration", "duration", 3), ("--callgrind", "callgrind", 200),
