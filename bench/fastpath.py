@@ -99,6 +99,15 @@ def fastpath_counters(admin_port):
     return {"fastpath_total": fp, "requests_total": fleet.metric_sum(text, "tollgate_requests_total")}
 
 
+def safe_counters(admin_port):
+    """fastpath_counters, or None when the target no longer answers (reported, not fatal)."""
+    try:
+        return fastpath_counters(admin_port)
+    except Exception as e:  # noqa: BLE001
+        log(f"/metrics on :{admin_port} unreadable: {e}")
+        return None
+
+
 def counters_delta(before, after):
     if not before or not after:
         return None
@@ -325,13 +334,18 @@ class FastBench(harness.Bench):
                     self.a.targets.remove(t)
             self.data["params"]["targets"] = list(self.a.targets)
             tgs = [t for t in self.a.targets if kind_of(t).startswith("tg-")]
-            before = {t: fastpath_counters(self.ports[t + "_admin"]) for t in tgs}
-            self.main_rounds()
+            before = {t: safe_counters(self.ports[t + "_admin"]) for t in tgs}
+            try:
+                self.main_rounds()
+            except Exception as e:  # noqa: BLE001 - keep what was measured; the report says so
+                log(f"the load rounds stopped early: {e}")
+                self.data["rounds_error"] = str(e)[:500]
             for t in tgs:
-                after = fastpath_counters(self.ports[t + "_admin"])
+                after = safe_counters(self.ports[t + "_admin"])
                 self.fastpath[t] = {"after_run": after, "rounds": counters_delta(before[t], after)}
-                log(f"{t}: tollgate_fastpath_total {after['fastpath_total']}, "
-                    f"tollgate_requests_total {after['requests_total']:.0f}")
+                if after:
+                    log(f"{t}: tollgate_fastpath_total {after['fastpath_total']}, "
+                        f"tollgate_requests_total {after['requests_total']:.0f}")
             self.data["fastpath_counters"] = self.fastpath
             cg = {}
             if self.a.callgrind:
@@ -565,6 +579,9 @@ def report(d, facts, label):
         w("")
         for t, why in skipped.items():
             w(f"- {name_of(t) if kind_of(t) in KIND_NAMES else t}: {why}")
+        w("")
+    if d.get("rounds_error"):
+        w(f"**The load rounds stopped early** ({d['rounds_error']}); the tables hold the steps measured before that.")
         w("")
     failed = {t: c["error"] for t, c in cg.items() if c.get("error")}
     if failed:
