@@ -589,7 +589,7 @@ class Bench:
                 for c in self.a.conns:
                     self.step(t, rnd, f"wrk{c}", lambda: run_wrk(self.port(t), c, self.a.duration))
                     time.sleep(0.5)
-                if oha_bin():
+                if oha_bin() and not getattr(self.a, "skip_rate", False):  # bench/fastpath.py: wrk only
                     self.step(t, rnd, "rate", lambda: run_oha(
                         self.port(t),
                         ["-z", f"{self.a.duration}s", "-q", str(self.a.rate), "-c", str(self.a.rate_conns),

@@ -28,14 +28,15 @@ result_paths() {
   trap 'rm -f "$FACTS"' EXIT
 }
 
-# write_facts [NAME=VALUE...]: the machine, the tools and the tollgate binary measured,
-# plus the caller's own entries, as JSON into $FACTS.
+# write_facts [NAME=VALUE...]: the machine, the tools and the tollgate binary measured
+# ($TOLLGATE_BIN, default target/release/tollgate), plus the caller's own entries, as JSON
+# into $FACTS.
 write_facts() {
-  local commit dirty tv
+  local commit dirty tv bin="${TOLLGATE_BIN:-$REPO/target/release/tollgate}"
   commit="$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo 'no commit yet')"
   dirty="$(git -C "$REPO" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null | wc -l)"
-  tv="$("$REPO/target/release/tollgate" --version 2>/dev/null || echo 'not built')"
-  tv="$tv (binary built $(date -u -r "$REPO/target/release/tollgate" +%FT%TZ 2>/dev/null || echo '?'))"
+  tv="$("$bin" --version 2>/dev/null || echo 'not built')"
+  tv="$tv (binary built $(date -u -r "$bin" +%FT%TZ 2>/dev/null || echo '?'))"
   if [[ "$dirty" != 0 ]]; then tv="$tv, git $commit + $dirty uncommitted changes in src/Cargo.*"; else tv="$tv, git $commit"; fi
   python3 - "$FACTS" \
     "date=$(date -u +%FT%TZ)" \
