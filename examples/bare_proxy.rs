@@ -19,6 +19,7 @@
 //!   BARE_PROXY_READ_TIMEOUT_MS    set the peer's read_timeout (default: unset, like pingora)
 //!   BARE_PROXY_CONNECT_TIMEOUT_MS set the peer's connection_timeout (default: unset)
 //!   BARE_PROXY_RETRY_BUFFER   1: call `enable_retry_buffering()` on every request
+//!   BARE_PROXY_TLS_SNI        connect to the upstream with TLS, sending this SNI (certificate not verified)
 //!
 //! The last three mirror what tollgate does, to attribute differences between the two.
 //!
@@ -106,7 +107,17 @@ fn main() {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
-    let mut peer = HttpPeer::new(upstream.as_str(), false, String::new());
+    // TLS upstream (bench/fastpath.sh): the SNI to send; the bench's throwaway CA is not
+    // verified here, as HAProxy's `ssl verify none` in the same run.
+    let mut peer = match std::env::var("BARE_PROXY_TLS_SNI") {
+        Ok(sni) => {
+            let mut p = HttpPeer::new(upstream.as_str(), true, sni);
+            p.options.verify_cert = false;
+            p.options.verify_hostname = false;
+            p
+        }
+        Err(_) => HttpPeer::new(upstream.as_str(), false, String::new()),
+    };
     if let Ok(ms) = std::env::var("BARE_PROXY_READ_TIMEOUT_MS") {
         peer.options.read_timeout = Some(std::time::Duration::from_millis(ms.parse().expect("ms")));
     }
