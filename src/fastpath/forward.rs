@@ -160,7 +160,8 @@ pub async fn serve(app: &FastPathApp, conn: &mut L4Stream, buf: &mut Vec<u8>, he
 
     let (mut up, resp, rbuf) = 'auth: loop {
         let up_head = upstream_head(spec, &route, token.as_deref(), head, buf);
-        let whole_request = [&up_head[..], &buf[head.len..head.len + in_buf]].concat();
+        let mut whole_request = up_head;
+        whole_request.extend_from_slice(&buf[head.len..head.len + in_buf]);
         let mut pooled = upstream::checkout(&pool_key);
         let (up, resp, rbuf) = loop {
             let reused = pooled.is_some();
@@ -266,7 +267,12 @@ pub async fn serve(app: &FastPathApp, conn: &mut L4Stream, buf: &mut Vec<u8>, he
     // The answer's head, as pingora writes it: upstream fields, then Date and Connection.
     let mut out = Vec::with_capacity(resp.len + 64);
     out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.to_string().as_bytes());
+    // httparse read exactly three digits.
+    out.extend_from_slice(&[
+        b'0' + (status / 100 % 10) as u8,
+        b'0' + (status / 10 % 10) as u8,
+        b'0' + (status % 10) as u8,
+    ]);
     out.push(b' ');
     out.extend_from_slice(&rbuf[resp.reason.clone()]);
     out.extend_from_slice(b"\r\n");
