@@ -95,7 +95,12 @@ pub fn run(settings: Settings, config_path: Option<PathBuf>, rt: tokio::runtime:
     let pingora = Arc::new(pingora::proxy::http_proxy(&conf, TollgateProxy { gateway: Arc::clone(&gateway) }));
     let app = crate::fastpath::FastPathApp::new(Arc::clone(&gateway), pingora, &conf);
     let mut service = pingora::services::listening::Service::new("tollgate proxy".to_string(), app);
-    service.add_tcp(&proxy_listen.to_string());
+    // No L4 read buffer: both paths read the request into their own buffer, so pingora's
+    // default 64 KiB one per connection was a second copy (and, over hundreds of
+    // keep-alive connections, megabytes of cache-cold memory).
+    let listener = pingora::listeners::ListenerConfig::tcp(proxy_listen.to_string())
+        .l4_buffer(pingora::listeners::L4BufferSettings::default().read(0));
+    service.add_listener(listener);
     server.add_service(service);
 
     spawn_drain_watcher(server.watch_execution_phase(), Arc::clone(&gateway), shutdown_timeout);
