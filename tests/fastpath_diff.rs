@@ -1093,31 +1093,10 @@ fn random_responses(count: usize) -> Vec<Case> {
 
 /// One catch-all route to the plain listener and one, `/tls`, to the TLS listener.
 fn config(idp: &Idp, up: &RawUp, tls: (SocketAddr, &str), fast: bool) -> String {
-    format!(
-        r#"
-[proxy]
-listen = "{{PROXY}}"
-fast_path = {fast}
-token_wait = "2s"
-
-[admin]
-listen = "{{ADMIN}}"
-
-[providers.backend]
-kind = "oauth2"
-token_url = "{token_url}"
-client_id = "abc123"
-client_secret = "456789"
-backoff_min = "100ms"
-backoff_max = "1s"
-timeout = "1s"
-
-[[routes]]
-name = "api"
-path_prefix = "/"
-upstream = "http://{up}"
-provider = "backend"
-
+    let proxy = format!("fast_path = {fast}\ntoken_wait = \"2s\"");
+    oauth2_config_at(&idp.url(), &format!("http://{}", up.addr), "", &proxy)
+        + &format!(
+            r#"
 [[routes]]
 name = "tls"
 path_prefix = "/tls"
@@ -1126,11 +1105,9 @@ provider = "backend"
 ca_file = "{ca_file}"
 sni = "localhost"
 "#,
-        token_url = idp.url(),
-        up = up.addr,
-        tls_port = tls.0.port(),
-        ca_file = tls.1,
-    )
+            tls_port = tls.0.port(),
+            ca_file = tls.1,
+        )
 }
 
 const SERVED: &str = "tollgate_fastpath_total{path=\"fast\",reason=\"served\"}";

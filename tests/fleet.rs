@@ -131,7 +131,11 @@ async fn eight_replicas_make_one_token_request_from_cold_and_one_per_lifetime() 
     // Traffic on all eight from the cold start: the first requests wait for the token.
     let load = traffic(&fleet, 40);
     all_ready(&fleet).await;
-    assert_eq!(idp.count(), 1, "a cold fleet of 8 made one token request (fallbacks: {})", fallbacks(&fleet).await);
+    // One request from cold; on a loaded machine readiness can take longer than the first
+    // token's refresh point (3 s), so a second, scheduled request may already be there.
+    let cold = request_times(&idp);
+    let burst = cold.iter().filter(|t| **t - cold[0] < Duration::from_millis(1500)).count();
+    assert_eq!(burst, 1, "a cold fleet of 8 made one token request (fallbacks: {})", fallbacks(&fleet).await);
     tokio::time::sleep(Duration::from_secs(20)).await;
     let (ok, bad, firsts) = finish(load).await;
     assert_eq!(bad, 0, "failed client requests: {firsts:?}");

@@ -389,6 +389,11 @@ pub async fn oauth2_doubles(cfg: IdpConfig) -> (Idp, Upstream, Ledger) {
 
 /// The usual provider + route config for an OAuth2 double.
 pub fn oauth2_config(idp: &Idp, upstream: &Upstream, extra_provider: &str, extra_proxy: &str) -> String {
+    oauth2_config_at(&idp.url(), &upstream.url(), extra_provider, extra_proxy)
+}
+
+/// [`oauth2_config`] for any token endpoint and upstream URL (raw or scripted doubles).
+pub fn oauth2_config_at(token_url: &str, upstream: &str, extra_provider: &str, extra_proxy: &str) -> String {
     format!(
         r#"
 [proxy]
@@ -413,9 +418,7 @@ name = "api"
 path_prefix = "/"
 upstream = "{upstream}"
 provider = "backend"
-"#,
-        token_url = idp.url(),
-        upstream = upstream.url(),
+"#
     )
 }
 
