@@ -17,7 +17,7 @@ listener with a certificate generated at run time). What it measures:
 3. For the tollgate targets, `tollgate_fastpath_total` and `tollgate_requests_total` from
    /metrics, so a reader sees which path served the requests.
 4. Instructions per request under `valgrind --tool=callgrind`, the method of
-   bench/fastpath_cg.py and fleet.py applied to every target: the target restarted under
+   fleet.py (and the prototype's callgrind script) applied to every target: the target restarted under
    valgrind (nginx with `master_process off`, so one process does the work), a warm-up,
    an idle window, then N GETs on one keep-alive connection; instructions of the whole
    process between `callgrind_control -z` and `-d`, gross and net of the idle rate.

@@ -969,8 +969,8 @@ fn random_cases(count: usize) -> Vec<Case> {
             }
             wire.extend_from_slice(b"\r\n");
             wire.extend_from_slice(&body);
-            // Which path: the classifier's answer plus the prototype's own delegations
-            // (HTTP/1.0 is plain but not served yet).
+            // Which path: the classifier's answer (HTTP/1.0 heads count either way, so the
+            // served total stays exact whatever their keep-alive outcome).
             let path = match tollgate::fastpath::parse::parse(&wire) {
                 tollgate::fastpath::parse::Parsed::Plain(h) if h.minor == 1 => Path::Fast(1),
                 tollgate::fastpath::parse::Parsed::Plain(_) => Path::Either,

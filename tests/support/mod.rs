@@ -324,7 +324,8 @@ pub fn fast_path_env() -> Option<bool> {
 impl Drop for Tollgate {
     fn drop(&mut self) {
         if std::env::var_os("TOLLGATE_TEST_FASTPATH_REPORT").is_some() {
-            // Which path served the requests (issue 13 prototype): printed, not asserted.
+            // Which path served the requests, for debugging a run: printed, not asserted
+            // (`assert_path` asserts).
             eprintln!("fastpath report {}: {}", std::thread::current().name().unwrap_or("?"), self.fastpath_counts());
         }
         if let Some(mut c) = self.child.take() {
