@@ -278,8 +278,13 @@ impl Default for ThrillConfig {
 struct ThrillInner {
     cfg: ThrillConfig,
     ledger: Ledger,
-    /// Live (token, refresh_token) pairs; a refresh consumes its pair.
-    pairs: Mutex<HashMap<String, String>>,
+    /// Live token -> (refresh_token, session); a refresh consumes its pair and the new
+    /// pair stays in the same session.
+    pairs: Mutex<HashMap<String, (String, u64)>>,
+    /// Sessions below this number were logged out: their refresh tokens, including any
+    /// issued by a refresh that raced the logout, are refused.
+    first_live_session: AtomicU64,
+    next_session: AtomicU64,
     calls: Calls,
 }
 
@@ -292,7 +297,14 @@ pub struct ThrillId {
 
 impl ThrillId {
     pub async fn start(cfg: ThrillConfig, ledger: Ledger) -> std::io::Result<Self> {
-        let inner = Arc::new(ThrillInner { cfg, ledger, pairs: Default::default(), calls: Default::default() });
+        let inner = Arc::new(ThrillInner {
+            cfg,
+            ledger,
+            pairs: Default::default(),
+            first_live_session: AtomicU64::new(0),
+            next_session: AtomicU64::new(0),
+            calls: Default::default(),
+        });
         let app = Router::new()
             .route("/accounts/auth", post(thrill_auth))
             .route("/accounts/refresh", post(thrill_refresh))
@@ -306,8 +318,12 @@ impl ThrillId {
     pub fn calls(&self, path: &str) -> usize {
         self.inner.calls.get(path)
     }
-    /// Invalidate every refresh token (as a server-side logout would).
+    /// Log out every session so far (as a server-side logout would): each refresh token
+    /// of theirs is refused from now on, even one a refresh in flight is issuing now,
+    /// and only `/accounts/auth` starts a usable session again.
     pub fn revoke_refresh_tokens(&self) {
+        let next = self.inner.next_session.load(Ordering::SeqCst);
+        self.inner.first_live_session.store(next, Ordering::SeqCst);
         lock(&self.inner.pairs).clear();
     }
 }
@@ -328,7 +344,7 @@ fn json_fields(h: &HeaderMap, body: &Bytes, fields: &[&str]) -> Result<Vec<Strin
         .collect()
 }
 
-fn thrill_issue(s: &ThrillInner) -> Response {
+fn thrill_issue(s: &ThrillInner, session: u64) -> Response {
     let exp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) + s.cfg.lifetime.as_secs();
     let claims = json!({"sub": s.cfg.username, "exp": exp, "jti": format!("{:016x}", fastrand::u64(..))});
     let key = jsonwebtoken::EncodingKey::from_secret(b"thrill-double-signing-key");
@@ -337,7 +353,7 @@ fn thrill_issue(s: &ThrillInner) -> Response {
     };
     let refresh = format!("thrill-rt-{:016x}", fastrand::u64(..));
     s.ledger.issue(&token, Some(Instant::now() + s.cfg.lifetime));
-    lock(&s.pairs).insert(token.clone(), refresh.clone());
+    lock(&s.pairs).insert(token.clone(), (refresh.clone(), session));
     Json(json!({
         "token": token,
         "refresh_token": refresh,
@@ -355,7 +371,8 @@ async fn thrill_auth(State(s): State<Arc<ThrillInner>>, h: HeaderMap, body: Byte
     if f[0] != s.cfg.username || f[1] != s.cfg.password {
         return bad(StatusCode::UNAUTHORIZED, "invalid credentials");
     }
-    thrill_issue(&s)
+    let session = s.next_session.fetch_add(1, Ordering::SeqCst);
+    thrill_issue(&s, session)
 }
 
 async fn thrill_refresh(State(s): State<Arc<ThrillInner>>, h: HeaderMap, body: Bytes) -> Response {
@@ -364,9 +381,11 @@ async fn thrill_refresh(State(s): State<Arc<ThrillInner>>, h: HeaderMap, body: B
         Ok(f) => f,
         Err(r) => return r,
     };
-    let known = lock(&s.pairs).remove(&f[0]);
-    if known.as_deref() != Some(f[1].as_str()) {
-        return bad(StatusCode::UNAUTHORIZED, "invalid token or refresh_token");
-    }
-    thrill_issue(&s)
+    let session = match lock(&s.pairs).remove(&f[0]) {
+        Some((refresh, session)) if refresh == f[1] && session >= s.first_live_session.load(Ordering::SeqCst) => {
+            session
+        }
+        _ => return bad(StatusCode::UNAUTHORIZED, "invalid token or refresh_token"),
+    };
+    thrill_issue(&s, session)
 }
