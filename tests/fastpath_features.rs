@@ -28,6 +28,9 @@ struct Script {
 }
 
 const BIG: usize = 200 * 1024;
+/// `/drip`'s pause before each of its 6 body bytes: 3.6 s in all, longer than the 2 s
+/// upstream read timeout, each pause well within it.
+const DRIP_GAP: Duration = Duration::from_millis(600);
 const HUGE: usize = 64 * 1024 * 1024;
 
 fn big_body() -> Vec<u8> {
@@ -111,6 +114,30 @@ async fn serve_conn(mut conn: TcpStream, seen: Arc<Mutex<Vec<Vec<u8>>>>, huge: A
         let request: Vec<u8> = buf.drain(..head_end + len).collect();
         seen.lock().unwrap().push(request);
         let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+        // Timing scripts: an answer after a pause, one byte at a time, or none at all.
+        if let Some(ms) = path.strip_prefix("/slow/").and_then(|ms| ms.parse().ok()) {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            if conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nslow").await.is_err() {
+                return;
+            }
+            continue;
+        }
+        if path == "/drip" {
+            if conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n").await.is_err() {
+                return;
+            }
+            for b in b"drip!!" {
+                tokio::time::sleep(DRIP_GAP).await;
+                if conn.write_all(&[*b]).await.is_err() {
+                    return;
+                }
+            }
+            continue;
+        }
+        if path == "/silent" {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            return;
+        }
         match answer(&path) {
             Some(a) => {
                 if conn.write_all(&a).await.is_err() {
@@ -549,4 +576,64 @@ async fn the_session_probe_is_asked_after_a_rejection_as_on_pingoras_path() {
             assert_eq!(fast(&tg, "served").await, 2.0, "the request and the probe: {}", tg.metrics().await);
         }
     }
+}
+
+/// One request on a kept-alive connection, its answer read by its Content-Length.
+async fn ask(s: &mut TcpStream, path: &str) -> String {
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(at) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = text(&got[..at]).to_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+                .unwrap_or(0);
+            if got.len() >= at + 4 + len {
+                return text(&got);
+            }
+        }
+        assert!(Instant::now() < deadline, "no whole answer to {path}: {}", text(&got));
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&chunk[..n]),
+            other => panic!("connection ended before the answer to {path} was whole: {other:?} {}", text(&got)),
+        }
+    }
+}
+
+/// The upstream read timeout bounds each wait, not the connection or the exchange: the
+/// fast path keeps one timer per connection and moves it lazily, so a timer left from an
+/// earlier request must not end a later wait early, and a silent upstream still gets its
+/// 502 on time.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_upstream_read_timeout_bounds_each_wait_on_a_kept_alive_connection() {
+    let (idp, _u, _l) = oauth2_doubles(IdpConfig::default()).await;
+    let up = Script::start().await;
+    let tg = Tollgate::start_with_env(&config(&idp, &up.url(), ""), ON);
+    tg.wait_ready().await;
+    let mut s = TcpStream::connect(proxy_addr(&tg)).await.unwrap();
+    assert!(ask(&mut s, "/first").await.starts_with("HTTP/1.1 200 OK\r\n"));
+    // The first wait armed the timer for about 2 s from now; this wait starts 1.5 s later
+    // and its answer comes 1.2 s after that, past the first deadline but within its own.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let a = ask(&mut s, "/slow/1200").await;
+    assert!(a.starts_with("HTTP/1.1 200 OK\r\n") && a.ends_with("slow"), "{a}");
+    // A body slower in all than the timeout, each piece within it.
+    let started = Instant::now();
+    let a = ask(&mut s, "/drip").await;
+    assert!(started.elapsed() > Duration::from_secs(2), "the drip took longer than one timeout");
+    assert!(a.starts_with("HTTP/1.1 200 OK\r\n") && a.ends_with("\r\n\r\ndrip!!"), "{a}");
+    // An upstream that never answers: a 502 after the timeout, not before, not much after.
+    let started = Instant::now();
+    let a = ask(&mut s, "/silent").await;
+    let waited = started.elapsed();
+    assert!(a.starts_with("HTTP/1.1 502 Bad Gateway\r\n") && a.contains("ReadTimedout"), "{a}");
+    assert!(waited >= Duration::from_millis(1900) && waited < Duration::from_secs(6), "{waited:?}");
+    assert_eq!(log_line(&tg, "/silent").await["error"], "ReadTimedout");
+    assert_eq!(fast(&tg, "served").await, 3.0);
+    assert_eq!(fast(&tg, "bad_gateway").await, 1.0);
+    let seen = up.seen();
+    assert!(seen.iter().any(|r| r.starts_with("GET /drip ")) && seen.iter().any(|r| r.starts_with("GET /silent ")));
 }

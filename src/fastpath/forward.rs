@@ -39,19 +39,23 @@
 //!   names the failure as pingora does (`InvalidChunk`, `ConnectionClosed`,
 //!   `ReadTimedout`, `WriteTimedout`, …).
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::task::Poll;
+use std::time::Duration;
 
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::GetSocketDigest;
 use pingora::protocols::Stream;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
 
+use super::deadline::{timeout_if_pending, LazyDeadline};
 use super::framing::{Chunked, Feed};
 use super::parse::Head;
-use super::{upstream, FastPathApp};
+use super::{date, upstream, FastPathApp};
 use crate::config::RouteSpec;
 use crate::metrics;
 use crate::proxy::router::{self, RouteEntry};
@@ -59,8 +63,8 @@ use crate::proxy::{self as tproxy, resolve};
 use crate::token::ActiveToken;
 
 pub enum Outcome {
-    /// Answered; the client connection may carry another request.
-    KeepAlive,
+    /// Answered (at this instant); the client connection may carry another request.
+    KeepAlive(Instant),
     /// Answered (or broken); close the client connection.
     Close,
     /// Nothing was sent anywhere: pingora takes this request and the connection.
@@ -84,7 +88,15 @@ const DROPPED: [&[u8]; 5] =
 /// Fields of the upstream's answer pingora replaces (Date, Connection) or re-frames.
 const DROPPED_RESPONSE: [&[u8]; 3] = [b"connection", b"date", b"transfer-encoding"];
 
-pub async fn serve(app: &FastPathApp, conn: &mut L4Stream, buf: &mut Vec<u8>, head: &Head, down: bool) -> Outcome {
+/// `timer`: the connection's timer for upstream waits (see [`super::deadline`]).
+pub async fn serve(
+    app: &FastPathApp,
+    conn: &mut L4Stream,
+    buf: &mut Vec<u8>,
+    head: &Head,
+    down: bool,
+    timer: &mut LazyDeadline,
+) -> Outcome {
     let active = app.gateway.active();
     let settings = &active.settings.proxy;
     let client = conn.get_socket_digest().and_then(|d| d.peer_addr().cloned());
@@ -114,7 +126,7 @@ pub async fn serve(app: &FastPathApp, conn: &mut L4Stream, buf: &mut Vec<u8>, he
     let token = match credential {
         tproxy::ClientCredential::Refuse(body) => {
             let written = write_json(conn, 400, &body, None, x.write_timeout).await;
-            x.finish(buf, 400, None, written.err());
+            x.finish(buf, 400, None, written.err(), Instant::now());
             fast("client_credentials");
             return Outcome::Close;
         }
@@ -126,7 +138,7 @@ pub async fn serve(app: &FastPathApp, conn: &mut L4Stream, buf: &mut Vec<u8>, he
                 metrics::get().token_unavailable_total.with_label_values(&[cell.name()]).inc();
                 let (body, retry) = tproxy::token_unavailable(cell.name(), &why, token_wait);
                 let written = write_json(conn, 503, &body, Some(retry), x.write_timeout).await;
-                x.finish(buf, 503, None, written.err());
+                x.finish(buf, 503, None, written.err(), Instant::now());
                 fast("token_unavailable");
                 return Outcome::Close;
             }
@@ -162,7 +174,7 @@ pub async fn serve(app: &FastPathApp, conn: &mut L4Stream, buf: &mut Vec<u8>, he
         let up_head = upstream_head(spec, &route, token.as_deref(), head, buf);
         let mut whole_request = up_head;
         whole_request.extend_from_slice(&buf[head.len..head.len + in_buf]);
-        let mut pooled = upstream::checkout(&pool_key);
+        let mut pooled = upstream::checkout(&pool_key, started.into_std());
         let (up, resp, rbuf) = loop {
             let reused = pooled.is_some();
             let mut up = match pooled.take() {
@@ -187,11 +199,11 @@ pub async fn serve(app: &FastPathApp, conn: &mut L4Stream, buf: &mut Vec<u8>, he
                 // The client's body did not arrive whole: nothing sensible can be answered.
                 return Outcome::Close;
             }
-            match read_response_head(&mut up, conn, forward_1xx, read_timeout, &mut x).await {
+            match read_response_head(&mut up, conn, forward_1xx, read_timeout, timer, &mut x).await {
                 Ok((resp, rbuf)) => break (up, resp, rbuf),
                 Err(RespError::Closed) if reused && replayable && x.informational.is_none() => continue,
                 Err(RespError::Client(e)) => {
-                    x.finish(buf, x.informational.unwrap_or(502), token.as_deref(), Some(e));
+                    x.finish(buf, x.informational.unwrap_or(502), token.as_deref(), Some(e), Instant::now());
                     return Outcome::Close;
                 }
                 Err(e) => return x.bad_gateway(conn, buf, e.as_str()).await,
@@ -223,6 +235,8 @@ pub async fn serve(app: &FastPathApp, conn: &mut L4Stream, buf: &mut Vec<u8>, he
         auth_retried = true;
     };
     let status = resp.status;
+    // The answer's Date, and the end of the exchange when its body came with its head.
+    let answered = Instant::now();
 
     let is_head = head.is_head(buf);
     let no_body = is_head || status == 204 || status == 304;
@@ -292,7 +306,7 @@ pub async fn serve(app: &FastPathApp, conn: &mut L4Stream, buf: &mut Vec<u8>, he
     if matches!(framing, Framing::Chunked | Framing::Close) && !dechunk {
         push_field(&mut out, b"Transfer-Encoding", codings.unwrap_or(b"chunked"));
     }
-    push_field(&mut out, b"Date", pingora::protocols::http::date::get_cached_date().as_bytes());
+    push_date(&mut out, answered);
     push_field(&mut out, b"Connection", if keep_client { b"keep-alive" } else { b"close" });
     out.extend_from_slice(b"\r\n");
 
@@ -302,28 +316,31 @@ pub async fn serve(app: &FastPathApp, conn: &mut L4Stream, buf: &mut Vec<u8>, he
         conn,
         up: &mut up,
         read_timeout,
+        timer,
         write_timeout: x.write_timeout,
         graphql: inspect.then(Vec::new),
         sent: false,
+        waited: false,
     };
     let complete = relay.body(&rbuf[resp.len..], framing, dechunk, out).await;
     let graphql = relay.graphql.take();
+    let ended = if relay.waited { Instant::now() } else { answered };
     if let (Err(e), false) = (complete, relay.sent) {
         // Bad framing seen in the bytes that came with the head: nothing went out yet.
         return x.bad_gateway(conn, buf, e).await;
     }
     if complete == Ok(true) && upstream_keeps {
-        upstream::checkin(pool_key, up, limits);
+        upstream::checkin(pool_key, up, limits, ended.into_std());
     }
     if let (Ok(_), Some(body), Some(t)) = (&complete, graphql, &token) {
         let probe = |p: &str| tproxy::send_probe(&app.gateway, host_value(head, buf), p);
         tproxy::judge_graphql_body(&route, &cell, t, &body, path, is_probe(head, buf), probe);
     }
-    x.finish(buf, status, token.as_deref(), complete.err());
+    x.finish(buf, status, token.as_deref(), complete.err(), ended);
     buf.drain(..head.len + in_buf);
     fast("served");
     if complete.is_ok() && keep_client {
-        Outcome::KeepAlive
+        Outcome::KeepAlive(ended)
     } else {
         Outcome::Close
     }
@@ -372,16 +389,24 @@ impl Exchange<'_> {
                 502
             }
         };
-        self.finish(buf, status, None, Some(what));
+        self.finish(buf, status, None, Some(what), Instant::now());
         fast("bad_gateway");
         Outcome::Close
     }
 
     /// Metrics and the access log line, as `TollgateProxy::logging` writes them (`error`:
-    /// the name pingora's error type would have for the same failure).
-    fn finish(&self, buf: &[u8], status: u16, token: Option<&ActiveToken>, error: Option<&'static str>) {
+    /// the name pingora's error type would have for the same failure; `ended`: when the
+    /// exchange ended).
+    fn finish(
+        &self,
+        buf: &[u8],
+        status: u16,
+        token: Option<&ActiveToken>,
+        error: Option<&'static str>,
+        ended: Instant,
+    ) {
         let (route, head) = (self.route, self.head);
-        let elapsed = self.started.elapsed();
+        let elapsed = ended.saturating_duration_since(self.started);
         route.metrics.count(status);
         route.metrics.duration.observe(elapsed.as_secs_f64());
         if self.access_log {
@@ -613,6 +638,7 @@ async fn read_response_head(
     conn: &mut L4Stream,
     forward_1xx: bool,
     timeout: Duration,
+    timer: &mut LazyDeadline,
     x: &mut Exchange<'_>,
 ) -> Result<(RespHead, Vec<u8>), RespError> {
     let mut buf = Vec::with_capacity(4096);
@@ -659,14 +685,14 @@ async fn read_response_head(
         if buf.capacity() - buf.len() < 1024 {
             buf.reserve(4096);
         }
-        match tokio::time::timeout(timeout, up.read_buf(&mut buf)).await {
+        match read_within(up.read_buf(&mut buf), timer, timeout).await {
             Ok(Ok(0)) if buf.is_empty() => return Err(RespError::Closed),
             // Part of a head, then the close: pingora too treats it as a close (`ReusedOnly`).
             Ok(Ok(0)) => return Err(RespError::Closed),
             Ok(Ok(_)) => {}
             Ok(Err(_)) if buf.is_empty() => return Err(RespError::Closed),
             Ok(Err(_)) => return Err(RespError::Io),
-            Err(_) => return Err(RespError::Timeout),
+            Err(()) => return Err(RespError::Timeout),
         }
     }
 }
@@ -676,12 +702,16 @@ struct Relay<'a> {
     conn: &'a mut L4Stream,
     up: &'a mut Stream,
     read_timeout: Duration,
+    /// The connection's timer for upstream waits.
+    timer: &'a mut LazyDeadline,
     write_timeout: Duration,
     /// The body's data (without chunk framing) while it is inspected for GraphQL
     /// `UNAUTHENTICATED`; dropped past the inspection limit, as on pingora's path.
     graphql: Option<Vec<u8>>,
     /// Something was written to the client.
     sent: bool,
+    /// A read or a write had to wait: the exchange's end must be read from the clock.
+    waited: bool,
 }
 
 impl Relay<'_> {
@@ -785,7 +815,8 @@ impl Relay<'_> {
     /// Write to the client; from the first call on, a failure can no longer be a 502.
     async fn send(&mut self, bytes: &[u8]) -> Result<(), &'static str> {
         self.sent = true;
-        write_client(self.conn, bytes, self.write_timeout).await
+        self.waited |= write_client(self.conn, bytes, self.write_timeout).await?;
+        Ok(())
     }
 
     fn inspect(&mut self, data: &[u8]) {
@@ -799,19 +830,41 @@ impl Relay<'_> {
     }
 
     async fn read_up(&mut self, into: &mut [u8]) -> Result<usize, &'static str> {
-        match tokio::time::timeout(self.read_timeout, self.up.read(into)).await {
+        self.waited = true;
+        match read_within(self.up.read(into), self.timer, self.read_timeout).await {
             Ok(Ok(n)) => Ok(n),
             Ok(Err(_)) => Err("ReadError"),
-            Err(_) => Err("ReadTimedout"),
+            Err(()) => Err("ReadTimedout"),
         }
     }
 }
 
-/// Write and flush to the client within `timeout` (pingora's error names on failure).
-async fn write_client(conn: &mut L4Stream, bytes: &[u8], timeout: Duration) -> Result<(), &'static str> {
-    match tokio::time::timeout(timeout, write_all_flush(conn, bytes)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err("WriteError"),
+/// One read from the upstream that must bring something within `timeout` (pingora's
+/// per-read timeout), on the connection's lazily moved timer; `Err(())`: timed out.
+/// The deadline is only computed (and the clock read) when the read has to wait.
+async fn read_within(
+    read: impl Future<Output = std::io::Result<usize>>,
+    timer: &mut LazyDeadline,
+    timeout: Duration,
+) -> Result<std::io::Result<usize>, ()> {
+    let mut read = std::pin::pin!(read);
+    let mut deadline = None;
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = read.as_mut().poll(cx) {
+            return Poll::Ready(Ok(r));
+        }
+        let deadline = *deadline.get_or_insert_with(|| Instant::now() + timeout);
+        timer.poll_until(cx, deadline).map(|()| Err(()))
+    })
+    .await
+}
+
+/// Write and flush to the client within `timeout` (pingora's error names on failure);
+/// `Ok(true)`: the write had to wait.
+async fn write_client(conn: &mut L4Stream, bytes: &[u8], timeout: Duration) -> Result<bool, &'static str> {
+    match timeout_if_pending(timeout, write_all_flush(conn, bytes)).await {
+        Ok((Ok(()), waited)) => Ok(waited),
+        Ok((Err(_), _)) => Err("WriteError"),
         Err(_) => Err("WriteTimedout"),
     }
 }
@@ -834,9 +887,15 @@ async fn write_json(
     if let Some(secs) = retry_after {
         push_field(&mut out, b"Retry-After", secs.max(1).to_string().as_bytes());
     }
-    push_field(&mut out, b"Date", pingora::protocols::http::date::get_cached_date().as_bytes());
+    push_date(&mut out, Instant::now());
     push_field(&mut out, b"Connection", b"close");
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body.as_bytes());
-    write_client(conn, &out, timeout).await
+    write_client(conn, &out, timeout).await.map(|_| ())
+}
+
+fn push_date(out: &mut Vec<u8>, now: Instant) {
+    out.extend_from_slice(b"Date: ");
+    date::push(out, now);
+    out.extend_from_slice(b"\r\n");
 }

@@ -26,13 +26,18 @@
 //! `client_credentials`; upstream answers relayed as `served`. [`forward`] lists where
 //! it deliberately differs from pingora.
 
+mod date;
+mod deadline;
 mod forward;
 pub mod framing;
 pub mod parse;
 mod pool;
 pub(crate) mod upstream;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -44,9 +49,11 @@ use pingora::proxy::HttpProxy;
 use pingora::server::configuration::ServerConf;
 use pingora::server::ShutdownWatch;
 use tokio::io::AsyncReadExt;
+use tokio::time::Instant;
 
 use crate::gateway::Gateway;
 use crate::proxy::TollgateProxy;
+use deadline::LazyDeadline;
 use parse::Parsed;
 
 /// pingora's own wait for the first request head and between keep-alive requests.
@@ -83,11 +90,29 @@ impl FastPathApp {
     }
 }
 
+/// One client connection's timers (see [`deadline`]): made once, moved lazily.
+#[derive(Default)]
+pub(crate) struct Timers {
+    /// The wait for the next request head.
+    head: LazyDeadline,
+    /// The waits for the upstream's answer.
+    upstream: LazyDeadline,
+}
+
 /// Read until `buf` holds a complete request head, the head is known not to be plain,
-/// the peer closes, the wait times out, or shutdown begins while nothing was read.
-async fn read_head(conn: &mut L4Stream, buf: &mut Vec<u8>, shutdown: &ShutdownWatch) -> Head {
-    let mut shutdown = shutdown.clone();
-    let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
+/// the peer closes, `since + HEAD_TIMEOUT` passes (`since`: when the connection was
+/// accepted or the previous answer was done), or shutdown begins while nothing was read.
+///
+/// Shutdown: the connection's task is registered once with the shutdown watch (see
+/// `process_new`), so the wait here only looks at the value when the task wakes.
+async fn read_head(
+    conn: &mut L4Stream,
+    buf: &mut Vec<u8>,
+    shutdown: &ShutdownWatch,
+    timer: &mut LazyDeadline,
+    since: Instant,
+) -> Head {
+    let deadline = since + HEAD_TIMEOUT;
     loop {
         if !buf.is_empty() {
             match parse::parse(buf) {
@@ -100,18 +125,47 @@ async fn read_head(conn: &mut L4Stream, buf: &mut Vec<u8>, shutdown: &ShutdownWa
             buf.reserve(4096);
         }
         let idle = buf.is_empty();
-        let read = tokio::select! {
-            r = tokio::time::timeout_at(deadline, conn.read_buf(buf)) => r,
-            _ = shutdown.wait_for(|down| *down), if idle => return Head::Gone,
+        let waited = {
+            let mut read = std::pin::pin!(conn.read_buf(buf));
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) = read.as_mut().poll(cx) {
+                    return Poll::Ready(Wait::Read(r));
+                }
+                if idle && *shutdown.borrow() {
+                    return Poll::Ready(Wait::Shutdown);
+                }
+                timer.poll_until(cx, deadline).map(|()| Wait::Timeout)
+            })
+            .await
         };
-        match read {
-            Ok(Ok(0)) if idle => return Head::Gone,
+        match waited {
             // Closed or timed out mid-head: pingora decides what that gets.
-            Ok(Ok(0)) | Err(_) if !idle => return Head::Delegate("incomplete"),
-            Ok(Ok(_)) => {}
-            Ok(Err(_)) | Err(_) => return Head::Gone,
+            Wait::Read(Ok(0)) | Wait::Timeout if !idle => return Head::Delegate("incomplete"),
+            Wait::Read(Ok(0)) | Wait::Read(Err(_)) | Wait::Timeout | Wait::Shutdown => return Head::Gone,
+            Wait::Read(Ok(_)) => {}
         }
     }
+}
+
+/// How one wait for request bytes ended.
+enum Wait {
+    Read(std::io::Result<usize>),
+    Timeout,
+    /// Shutdown began while the connection was idle.
+    Shutdown,
+}
+
+/// Register this task with the shutdown watch once for the connection's life: a
+/// graceful shutdown then wakes it wherever it waits, and the waits only read the
+/// value (no waiter added and removed per request). `ShutdownWatch` changes once, to
+/// `true`, so one registration is enough.
+async fn register_for_shutdown(wait: Pin<&mut impl Future>) {
+    let mut wait = wait;
+    std::future::poll_fn(|cx| {
+        let _ = wait.as_mut().poll(cx);
+        Poll::Ready(())
+    })
+    .await;
 }
 
 #[async_trait]
@@ -129,19 +183,27 @@ impl ServerApp for FastPathApp {
             return None; // checked just above
         };
         let mut buf = Vec::with_capacity(8192);
-        // Requests are served in order, pipelined ones included (pingora would answer the
-        // first and drop the rest); the first one not served here hands the connection over.
-        let reason = loop {
-            let head = match read_head(&mut conn, &mut buf, shutdown).await {
-                Head::Gone => return None,
-                Head::Delegate(why) => break why,
-                Head::Plain(h) => h,
-            };
-            let down = *shutdown.borrow();
-            match forward::serve(self, &mut conn, &mut buf, &head, down).await {
-                forward::Outcome::KeepAlive => {}
-                forward::Outcome::Close => return None,
-                forward::Outcome::Delegate(why) => break why,
+        let mut timers = Timers::default();
+        let mut since = Instant::now();
+        let reason = {
+            let mut watch = shutdown.clone();
+            let shutting_down = std::pin::pin!(watch.wait_for(|down| *down));
+            register_for_shutdown(shutting_down).await;
+            // Requests are served in order, pipelined ones included (pingora would answer
+            // the first and drop the rest); the first one not served here hands the
+            // connection over.
+            loop {
+                let head = match read_head(&mut conn, &mut buf, shutdown, &mut timers.head, since).await {
+                    Head::Gone => return None,
+                    Head::Delegate(why) => break why,
+                    Head::Plain(h) => h,
+                };
+                let down = *shutdown.borrow();
+                match forward::serve(self, &mut conn, &mut buf, &head, down, &mut timers.upstream).await {
+                    forward::Outcome::KeepAlive(done) => since = done,
+                    forward::Outcome::Close => return None,
+                    forward::Outcome::Delegate(why) => break why,
+                }
             }
         };
         conn.rewind(&buf);

@@ -182,17 +182,17 @@ thread_local! {
     static POOL: RefCell<Pool> = RefCell::new(Pool::default());
 }
 
-/// This thread's newest live idle connection for `key`.
-pub fn checkout(key: &PoolKey) -> Option<Stream> {
-    POOL.with(|p| p.borrow_mut().take(key, Instant::now()))
+/// This thread's newest live idle connection for `key` (`now`: the request's start).
+pub fn checkout(key: &PoolKey, now: Instant) -> Option<Stream> {
+    POOL.with(|p| p.borrow_mut().take(key, now))
 }
 
 /// Keep `stream` (after an exchange that both sides left open and complete) for reuse on
 /// this thread, and make sure this thread's eviction timer runs.
-pub fn checkin(key: PoolKey, stream: Stream, limits: Limits) {
+pub fn checkin(key: PoolKey, stream: Stream, limits: Limits, now: Instant) {
     POOL.with(|p| {
         let mut p = p.borrow_mut();
-        p.put(key, stream, limits, Instant::now());
+        p.put(key, stream, limits, now);
         if p.len() > 0 && !p.ticking {
             p.ticking = start_ticker();
         }
@@ -315,7 +315,7 @@ mod tests {
     async fn the_thread_timer_closes_idle_connections_and_stops_when_empty() {
         let (s, mut far) = pair();
         let limits = Limits { idle_timeout: Duration::from_millis(200), cap: 8 };
-        checkin(key(9, 9), s, limits);
+        checkin(key(9, 9), s, limits, Instant::now());
         assert!(POOL.with(|p| p.borrow().ticking));
         // The far end sees the close once the deadline passed and a tick came by.
         let mut buf = [0u8; 1];

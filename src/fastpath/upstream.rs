@@ -10,7 +10,7 @@
 
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pingora::connectors::TransportConnector;
 use pingora::protocols::Stream;
@@ -56,14 +56,14 @@ pub fn key(route: &RouteEntry, addr: SocketAddr) -> PoolKey {
     PoolKey::new(route.pool_key, addr)
 }
 
-/// An idle connection for `key` on this thread, tested alive.
-pub fn checkout(key: &PoolKey) -> Option<Stream> {
-    super::pool::checkout(key)
+/// An idle connection for `key` on this thread, tested alive (`now`: the request's start).
+pub fn checkout(key: &PoolKey, now: Instant) -> Option<Stream> {
+    super::pool::checkout(key, now)
 }
 
-/// Return a connection after a complete exchange both sides left open.
-pub fn checkin(key: PoolKey, stream: Stream, limits: Limits) {
-    super::pool::checkin(key, stream, limits);
+/// Return a connection after a complete exchange both sides left open (`now`: its end).
+pub fn checkin(key: PoolKey, stream: Stream, limits: Limits, now: Instant) {
+    super::pool::checkin(key, stream, limits, now);
 }
 
 /// The pool's limits from the proxy settings: the idle timeout, and this thread's share of
