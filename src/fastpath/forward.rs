@@ -644,42 +644,18 @@ async fn read_response_head(
     let mut buf = Vec::with_capacity(4096);
     loop {
         if !buf.is_empty() {
-            let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_FIELDS];
-            let mut resp = httparse::Response::new(&mut headers);
-            match resp.parse(&buf) {
-                Ok(httparse::Status::Complete(len)) => {
-                    let (Some(status), Some(minor)) = (resp.code, resp.version) else { return Err(RespError::Invalid) };
-                    if (100..200).contains(&status) {
-                        if status == 101 {
-                            return Err(RespError::Invalid);
-                        }
-                        if forward_1xx {
-                            let mut out = Vec::with_capacity(len);
-                            out.extend_from_slice(format!("HTTP/1.1 {status} ").as_bytes());
-                            out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
-                            out.extend_from_slice(b"\r\n");
-                            for h in resp.headers.iter() {
-                                push_field(&mut out, h.name.as_bytes(), h.value);
-                            }
-                            out.extend_from_slice(b"\r\n");
-                            write_client(conn, &out, x.write_timeout).await.map_err(RespError::Client)?;
-                            x.informational = Some(status);
-                        }
-                        buf.drain(..len);
-                        continue;
+            match parse_response_head(&buf, forward_1xx) {
+                RespParse::Final(head) => return Ok((head, buf)),
+                RespParse::Interim { status, len, forward } => {
+                    if let Some(out) = forward {
+                        write_client(conn, &out, x.write_timeout).await.map_err(RespError::Client)?;
+                        x.informational = Some(status);
                     }
-                    let base = buf.as_ptr() as usize;
-                    let span = |s: &[u8]| {
-                        let start = s.as_ptr() as usize - base;
-                        start..start + s.len()
-                    };
-                    let reason = resp.reason.map(|r| span(r.as_bytes())).unwrap_or(0..0);
-                    let fields = resp.headers.iter().map(|h| (span(h.name.as_bytes()), span(h.value))).collect();
-                    let head = RespHead { status, minor, reason, fields, len };
-                    return Ok((head, buf));
+                    buf.drain(..len);
+                    continue;
                 }
-                Ok(httparse::Status::Partial) if buf.len() <= MAX_RESPONSE_HEAD => {}
-                _ => return Err(RespError::Invalid),
+                RespParse::Partial if buf.len() <= MAX_RESPONSE_HEAD => {}
+                RespParse::Partial | RespParse::Invalid => return Err(RespError::Invalid),
             }
         }
         if buf.capacity() - buf.len() < 1024 {
@@ -695,6 +671,58 @@ async fn read_response_head(
             Err(()) => return Err(RespError::Timeout),
         }
     }
+}
+
+/// What the bytes read so far of an upstream answer say.
+enum RespParse {
+    Final(RespHead),
+    /// A 1xx answer of `len` bytes; `forward`: its bytes for the client, when wanted.
+    Interim {
+        status: u16,
+        len: usize,
+        forward: Option<Vec<u8>>,
+    },
+    Partial,
+    Invalid,
+}
+
+/// Parse an upstream answer head. Synchronous, so that httparse's field array (uninit:
+/// nothing is written to its 256 slots before they are parsed) lives on the stack for the
+/// parse only, never in the connection's future.
+fn parse_response_head(buf: &[u8], forward_1xx: bool) -> RespParse {
+    let mut headers = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_RESPONSE_FIELDS];
+    let mut resp = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut resp, buf, &mut headers) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return RespParse::Partial,
+        Err(_) => return RespParse::Invalid,
+    };
+    let (Some(status), Some(minor)) = (resp.code, resp.version) else { return RespParse::Invalid };
+    if (100..200).contains(&status) {
+        if status == 101 {
+            return RespParse::Invalid;
+        }
+        let forward = forward_1xx.then(|| {
+            let mut out = Vec::with_capacity(len);
+            out.extend_from_slice(format!("HTTP/1.1 {status} ").as_bytes());
+            out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
+            out.extend_from_slice(b"\r\n");
+            for h in resp.headers.iter() {
+                push_field(&mut out, h.name.as_bytes(), h.value);
+            }
+            out.extend_from_slice(b"\r\n");
+            out
+        });
+        return RespParse::Interim { status, len, forward };
+    }
+    let base = buf.as_ptr() as usize;
+    let span = |s: &[u8]| {
+        let start = s.as_ptr() as usize - base;
+        start..start + s.len()
+    };
+    let reason = resp.reason.map(|r| span(r.as_bytes())).unwrap_or(0..0);
+    let fields = resp.headers.iter().map(|h| (span(h.name.as_bytes()), span(h.value))).collect();
+    RespParse::Final(RespHead { status, minor, reason, fields, len })
 }
 
 /// The body of one answer on its way to the client.

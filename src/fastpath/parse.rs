@@ -82,9 +82,10 @@ pub fn parse(buf: &[u8]) -> Parsed {
     if buf.first().is_some_and(|&b| b == b'\r' || b == b'\n') {
         return Parsed::NotPlain("leading_newline");
     }
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    let len = match req.parse(buf) {
+    // Uninit: httparse writes each slot as it parses it, nothing is zeroed first.
+    let mut headers = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, &mut headers) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => {
             return if buf.len() > MAX_REQUEST_HEADER_BYTES { Parsed::NotPlain("too_large") } else { Parsed::Partial };
