@@ -85,8 +85,6 @@ const CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
 /// tollgate's probe marker.
 const DROPPED: [&[u8]; 5] =
     [b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"x-tollgate-probe"];
-/// Fields of the upstream's answer pingora replaces (Date, Connection) or re-frames.
-const DROPPED_RESPONSE: [&[u8]; 3] = [b"connection", b"date", b"transfer-encoding"];
 
 /// `timer`: the connection's timer for upstream waits (see [`super::deadline`]).
 pub async fn serve(
@@ -132,8 +130,8 @@ pub async fn serve(
         }
         tproxy::ClientCredential::Keep => None,
         tproxy::ClientCredential::Inject => match cell.obtain(token_wait).await {
-            Ok(t) if t.usable() => Some(t),
-            Ok(_) => return Outcome::Delegate("token_expired"),
+            // `obtain` hands out only a token usable now (both clocks checked).
+            Ok(t) => Some(t),
             Err(why) => {
                 metrics::get().token_unavailable_total.with_label_values(&[cell.name()]).inc();
                 let (body, retry) = tproxy::token_unavailable(cell.name(), &why, token_wait);
@@ -213,8 +211,8 @@ pub async fn serve(
         // What the upstream said about the token, decided as on pingora's path.
         let answer = tproxy::Answer {
             status: resp.status,
-            dpop_nonce: resp.header(&rbuf, b"dpop-nonce").and_then(|v| std::str::from_utf8(v).ok()),
-            challenges: resp.all(&rbuf, b"www-authenticate").collect(),
+            dpop_nonce: resp.header(&rbuf, Known::DpopNonce).and_then(|v| std::str::from_utf8(v).ok()),
+            challenges: resp.all(&rbuf, Known::WwwAuthenticate).collect(),
         };
         let sent = tproxy::Sent {
             path,
@@ -223,7 +221,7 @@ pub async fn serve(
             buffered: !streamed,
             body_done: true,
             auth_retried,
-            body_judged_later: tproxy::graphql_inspected(spec, resp.status, resp.header(&rbuf, b"content-type")),
+            body_judged_later: tproxy::graphql_inspected(spec, resp.status, resp.header(&rbuf, Known::ContentType)),
         };
         let probe = |p: &str| tproxy::send_probe(&app.gateway, host_value(head, buf), p);
         match tproxy::judge_answer(&route, &cell, &current, &answer, &sent, token_wait, probe).await {
@@ -245,12 +243,12 @@ pub async fn serve(
     let mut codings: Option<&[u8]> = None;
     let framing = if no_body {
         Framing::None
-    } else if let Some(te) = resp.header(&rbuf, b"transfer-encoding") {
+    } else if let Some(te) = resp.header(&rbuf, Known::TransferEncoding) {
         let last_chunked =
             te.rsplit(|&b| b == b',').next().is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         let chunked_once =
             te.split(|&b| b == b',').filter(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked")).count() == 1;
-        if !last_chunked || !chunked_once || resp.count(&rbuf, b"transfer-encoding") != 1 {
+        if !last_chunked || !chunked_once || resp.count(Known::TransferEncoding) != 1 {
             return x.bad_gateway(conn, buf, "InvalidHTTPHeader").await;
         }
         if !te.trim_ascii().eq_ignore_ascii_case(b"chunked") {
@@ -275,7 +273,7 @@ pub async fn serve(
     let upstream_keeps = resp.minor == 1
         && framing != Framing::Close
         && !resp
-            .all(&rbuf, b"connection")
+            .all(&rbuf, Known::Connection)
             .any(|v| v.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close")));
 
     // The answer's head, as pingora writes it: upstream fields, then Date and Connection.
@@ -290,18 +288,20 @@ pub async fn serve(
     out.push(b' ');
     out.extend_from_slice(&rbuf[resp.reason.clone()]);
     out.extend_from_slice(b"\r\n");
-    for (n, v) in &resp.fields {
-        let name = &rbuf[n.clone()];
-        // A HEAD answer's Transfer-Encoding says how a GET would be framed: kept, as pingora does.
-        let head_te = is_head && name.eq_ignore_ascii_case(b"transfer-encoding");
-        if !head_te && DROPPED_RESPONSE.iter().any(|d| name.eq_ignore_ascii_case(d)) {
-            continue;
+    for f in &resp.fields {
+        let dropped = match f.known {
+            // Replaced below, as pingora does.
+            Known::Connection | Known::Date => true,
+            // Re-framed below; but a HEAD answer's Transfer-Encoding says how a GET would
+            // be framed: kept, as pingora does.
+            Known::TransferEncoding => !is_head,
+            // Transfer-Encoding overrides a length (RFC 9112 §6.3); pingora drops the length too.
+            Known::ContentLength => framing == Framing::Chunked,
+            _ => false,
+        };
+        if !dropped {
+            push_field(&mut out, &rbuf[f.name.clone()], &rbuf[f.value.clone()]);
         }
-        // Transfer-Encoding overrides a length (RFC 9112 §6.3); pingora drops the length too.
-        if framing == Framing::Chunked && name.eq_ignore_ascii_case(b"content-length") {
-            continue;
-        }
-        push_field(&mut out, name, &rbuf[v.clone()]);
     }
     if matches!(framing, Framing::Chunked | Framing::Close) && !dechunk {
         push_field(&mut out, b"Transfer-Encoding", codings.unwrap_or(b"chunked"));
@@ -311,7 +311,7 @@ pub async fn serve(
     out.extend_from_slice(b"\r\n");
 
     // A GraphQL 200 is judged on its whole body (up to the inspection limit) once relayed.
-    let inspect = token.is_some() && tproxy::graphql_inspected(spec, status, resp.header(&rbuf, b"content-type"));
+    let inspect = token.is_some() && tproxy::graphql_inspected(spec, status, resp.header(&rbuf, Known::ContentType));
     let mut relay = Relay {
         conn,
         up: &mut up,
@@ -593,27 +593,61 @@ struct RespHead {
     status: u16,
     minor: u8,
     reason: std::ops::Range<usize>,
-    fields: Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>,
+    fields: Vec<RespField>,
     len: usize,
 }
 
+/// One field of an upstream answer, its name classified once when parsed: the answer is
+/// looked at for several names, and one comparison per field beats one scan per name.
+struct RespField {
+    name: std::ops::Range<usize>,
+    value: std::ops::Range<usize>,
+    known: Known,
+}
+
+/// The answer fields the fast path acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Known {
+    Connection,
+    ContentLength,
+    ContentType,
+    Date,
+    DpopNonce,
+    TransferEncoding,
+    WwwAuthenticate,
+    Other,
+}
+
+impl Known {
+    fn of(name: &[u8]) -> Known {
+        let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+        match name.len() {
+            4 if is(b"date") => Known::Date,
+            10 if is(b"connection") => Known::Connection,
+            10 if is(b"dpop-nonce") => Known::DpopNonce,
+            12 if is(b"content-type") => Known::ContentType,
+            14 if is(b"content-length") => Known::ContentLength,
+            16 if is(b"www-authenticate") => Known::WwwAuthenticate,
+            17 if is(b"transfer-encoding") => Known::TransferEncoding,
+            _ => Known::Other,
+        }
+    }
+}
+
 impl RespHead {
-    fn all<'b>(&'b self, buf: &'b [u8], name: &'b [u8]) -> impl Iterator<Item = &'b [u8]> + 'b {
-        self.fields
-            .iter()
-            .filter(move |(n, _)| buf[n.clone()].eq_ignore_ascii_case(name))
-            .map(move |(_, v)| &buf[v.clone()])
+    fn all<'b>(&'b self, buf: &'b [u8], known: Known) -> impl Iterator<Item = &'b [u8]> + 'b {
+        self.fields.iter().filter(move |f| f.known == known).map(move |f| &buf[f.value.clone()])
     }
-    fn header<'b>(&'b self, buf: &'b [u8], name: &'b [u8]) -> Option<&'b [u8]> {
-        self.all(buf, name).next()
+    fn header<'b>(&'b self, buf: &'b [u8], known: Known) -> Option<&'b [u8]> {
+        self.all(buf, known).next()
     }
-    fn count(&self, buf: &[u8], name: &[u8]) -> usize {
-        self.all(buf, name).count()
+    fn count(&self, known: Known) -> usize {
+        self.fields.iter().filter(|f| f.known == known).count()
     }
     /// One all-digit value (repeats allowed when equal, as pingora does); `Err` otherwise.
     fn content_length(&self, buf: &[u8]) -> Result<Option<u64>, ()> {
         let mut found: Option<u64> = None;
-        for v in self.all(buf, b"content-length") {
+        for v in self.all(buf, Known::ContentLength) {
             let v = v.trim_ascii();
             if v.is_empty() || v.len() > 18 || !v.iter().all(u8::is_ascii_digit) {
                 return Err(());
@@ -721,7 +755,11 @@ fn parse_response_head(buf: &[u8], forward_1xx: bool) -> RespParse {
         start..start + s.len()
     };
     let reason = resp.reason.map(|r| span(r.as_bytes())).unwrap_or(0..0);
-    let fields = resp.headers.iter().map(|h| (span(h.name.as_bytes()), span(h.value))).collect();
+    let fields = resp
+        .headers
+        .iter()
+        .map(|h| RespField { name: span(h.name.as_bytes()), value: span(h.value), known: Known::of(h.name.as_bytes()) })
+        .collect();
     RespParse::Final(RespHead { status, minor, reason, fields, len })
 }
 

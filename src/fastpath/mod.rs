@@ -16,9 +16,9 @@
 //!
 //! Handed to pingora before any byte is sent (reason in
 //! `tollgate_fastpath_total{path="pingora"}`): anything [`parse`] does not call plain,
-//! `allow_from` refusals, 404s, routes without a provider, an expired token, a failed
-//! first connect. Served here: token injection (DPoP proofs included), `set_headers`,
-//! Host rewrite and prefix stripping, the authorization policy, token waits and 503s,
+//! `allow_from` refusals, 404s, routes without a provider, a failed first connect.
+//! Served here: token injection (DPoP proofs included), `set_headers`, Host rewrite and
+//! prefix stripping, the authorization policy, token waits and 503s,
 //! 401/DPoP-nonce replay for bodies within the 64 KiB retry buffer, HTTP/1.0 clients,
 //! 1xx answers, `graphql_unauthenticated`, `session_probe`, plain and TLS upstreams
 //! ([`upstream`], [`pool`]). Answers the fast path writes itself are counted as
