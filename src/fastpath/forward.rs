@@ -172,7 +172,8 @@ pub async fn serve(
         let up_head = upstream_head(spec, &route, token.as_deref(), head, buf);
         let mut whole_request = up_head;
         whole_request.extend_from_slice(&buf[head.len..head.len + in_buf]);
-        let mut pooled = upstream::checkout(&pool_key, started.into_std());
+        // A fresh reading: the token wait, the body or a replay may have taken a while.
+        let mut pooled = upstream::checkout(&pool_key, std::time::Instant::now());
         let (up, resp, rbuf) = loop {
             let reused = pooled.is_some();
             let mut up = match pooled.take() {
@@ -881,8 +882,17 @@ impl Relay<'_> {
     /// Write to the client; from the first call on, a failure can no longer be a 502.
     async fn send(&mut self, bytes: &[u8]) -> Result<(), &'static str> {
         self.sent = true;
-        self.waited |= write_client(self.conn, bytes, self.write_timeout).await?;
-        Ok(())
+        match write_client(self.conn, bytes, self.write_timeout).await {
+            Ok(waited) => {
+                self.waited |= waited;
+                Ok(())
+            }
+            // A failed write may have waited up to the timeout.
+            Err(e) => {
+                self.waited = true;
+                Err(e)
+            }
+        }
     }
 
     fn inspect(&mut self, data: &[u8]) {
@@ -919,10 +929,17 @@ async fn read_within(
         if let Poll::Ready(r) = read.as_mut().poll(cx) {
             return Poll::Ready(Ok(r));
         }
-        let deadline = *deadline.get_or_insert_with(|| Instant::now() + timeout);
+        let deadline = *deadline.get_or_insert_with(|| after(timeout));
         timer.poll_until(cx, deadline).map(|()| Err(()))
     })
     .await
+}
+
+/// The instant `timeout` from now; a timeout too large for the clock means no deadline
+/// in practice (as `tokio::time::timeout` treats it), not a panic.
+fn after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout).unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400))
 }
 
 /// Write and flush to the client within `timeout` (pingora's error names on failure);
@@ -964,4 +981,16 @@ fn push_date(out: &mut Vec<u8>, now: Instant) {
     out.extend_from_slice(b"Date: ");
     date::push(out, now);
     out.extend_from_slice(b"\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_timeout_too_large_for_the_clock_is_a_far_deadline_not_a_panic() {
+        assert!(after(Duration::MAX) > Instant::now() + Duration::from_secs(50 * 365 * 86_400));
+        let soon = after(Duration::from_secs(2));
+        assert!(soon > Instant::now() && soon <= Instant::now() + Duration::from_secs(2));
+    }
 }

@@ -187,7 +187,9 @@ impl ServerApp for FastPathApp {
         let mut since = Instant::now();
         let reason = {
             let mut watch = shutdown.clone();
-            let shutting_down = std::pin::pin!(watch.wait_for(|down| *down));
+            // Unconstrained: a task out of coop budget would get `Pending` without the
+            // waiter being registered, and this future is polled only once.
+            let shutting_down = std::pin::pin!(tokio::task::unconstrained(watch.wait_for(|down| *down)));
             register_for_shutdown(shutting_down).await;
             // Requests are served in order, pipelined ones included (pingora would answer
             // the first and drop the rest); the first one not served here hands the
