@@ -637,3 +637,36 @@ async fn the_upstream_read_timeout_bounds_each_wait_on_a_kept_alive_connection()
     let seen = up.seen();
     assert!(seen.iter().any(|r| r.starts_with("GET /drip ")) && seen.iter().any(|r| r.starts_with("GET /silent ")));
 }
+
+/// A graceful shutdown closes a kept-alive connection that is waiting for its next request
+/// at once, on both paths, while an in-flight request on another connection still holds
+/// the exit: the idle one is not kept open until the process ends.
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_closes_an_idle_kept_alive_connection_while_another_request_finishes() {
+    let (idp, _u, _l) = oauth2_doubles(IdpConfig::default()).await;
+    let up = Script::start().await;
+    for env in [ON, OFF] {
+        let cfg = config(&idp, &up.url(), "")
+            .replace("access_log = true", "access_log = true\nshutdown_timeout = \"20s\"")
+            .replace("upstream_read_timeout = \"2s\"", "upstream_read_timeout = \"10s\"");
+        let mut tg = Tollgate::start_with_env(&cfg, env);
+        tg.wait_ready().await;
+        let mut idle = TcpStream::connect(proxy_addr(&tg)).await.unwrap();
+        assert!(ask(&mut idle, "/before").await.starts_with("HTTP/1.1 200 OK\r\n"), "{env:?}");
+        // An answer that takes 3 s, in flight when the signal comes.
+        let mut busy = TcpStream::connect(proxy_addr(&tg)).await.unwrap();
+        let slow = tokio::spawn(async move { ask(&mut busy, "/slow/3000").await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let signalled = Instant::now();
+        tg.signal("TERM");
+        let (rest, closed) = read_until_close(&mut idle, Duration::from_secs(15)).await;
+        let took = signalled.elapsed();
+        assert!(closed && rest.is_empty(), "{env:?}: closed {closed}, then sent {}", text(&rest));
+        assert!(took < Duration::from_millis(1500), "{env:?}: the idle connection was closed only after {took:?}");
+        let answer = slow.await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n") && answer.ends_with("slow"), "{env:?}: {answer}");
+        assert!(signalled.elapsed() >= Duration::from_millis(2500), "{env:?}: the in-flight answer held the exit");
+        let exit = tg.wait_exit(Duration::from_secs(25)).expect("exited");
+        assert!(exit.success(), "{env:?}");
+    }
+}

@@ -92,7 +92,7 @@ impl FastPathApp {
 
 /// One client connection's timers (see [`deadline`]): made once, moved lazily.
 #[derive(Default)]
-pub(crate) struct Timers {
+struct Timers {
     /// The wait for the next request head.
     head: LazyDeadline,
     /// The waits for the upstream's answer.
@@ -159,8 +159,7 @@ enum Wait {
 /// graceful shutdown then wakes it wherever it waits, and the waits only read the
 /// value (no waiter added and removed per request). `ShutdownWatch` changes once, to
 /// `true`, so one registration is enough.
-async fn register_for_shutdown(wait: Pin<&mut impl Future>) {
-    let mut wait = wait;
+async fn register_for_shutdown(mut wait: Pin<&mut impl Future>) {
     std::future::poll_fn(|cx| {
         let _ = wait.as_mut().poll(cx);
         Poll::Ready(())
