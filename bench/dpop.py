@@ -35,6 +35,7 @@ sys.dont_write_bytecode = True
 import harness  # noqa: E402
 import fleet  # noqa: E402  (free_ports, /metrics counters, callgrind helpers, formatting)
 from fleet import fmt, med, rng  # noqa: E402
+from report import machine_section  # noqa: E402
 from harness import CLK_TCK, PROXY_CORE, LOAD_CORE, log  # noqa: E402
 
 VARIANTS = ("direct", "bearer", "dpop")
@@ -245,11 +246,7 @@ def report(cost, proof, facts, label, s):
       "provider (RFC 9449: `Authorization: DPoP <token>` and a fresh ES256 proof on every request), side by side "
       "in one run.")
     w("")
-    w("## Machine")
-    w("")
-    for k, v in facts.items():
-        w(f"- **{k}**: {v}")
-    w("")
+    machine_section(w, facts)
     w("## Method")
     w("")
     w(f"One nginx (`bench/conf/nginx-upstream.conf`, `worker_processes 1`) is the upstream and the token endpoint: "

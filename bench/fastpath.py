@@ -43,7 +43,7 @@ sys.dont_write_bytecode = True  # no bench/__pycache__ from importing harness
 import harness  # noqa: E402  (Bench: rounds, steps, noise; spawn, render, wrk, /proc sampling)
 import fleet  # noqa: E402  (free_ports, /metrics, callgrind window, keep-alive client, noise line)
 from harness import AUTH_VALUE, PROXY_CORE, LOAD_CORE, TOKEN, log  # noqa: E402
-from report import f as fmt, med, rng as _rng  # noqa: E402
+from report import f as fmt, machine_section, med, rng as _rng  # noqa: E402
 
 
 def rng(xs, nd=0):
@@ -469,11 +469,7 @@ def report(d, facts, label):
     w("Produced by `bench/fastpath.sh`: nginx, HAProxy, bare pingora and tollgate with `proxy.fast_path` off and on, "
       "side by side in one run, against a plain-HTTP and a TLS upstream.")
     w("")
-    w("## Machine")
-    w("")
-    for k, v in facts.items():
-        w(f"- **{k}**: {v}")
-    w("")
+    machine_section(w, facts)
     w("## Goals (issue 13)")
     w("")
     w("| goal | measured (medians) | verdict |")

@@ -37,7 +37,7 @@ sys.path.insert(0, BENCH)
 sys.dont_write_bytecode = True  # no bench/__pycache__ from importing harness
 import harness  # noqa: E402  (shared helpers: spawn, render, wrk, /proc sampling)
 from harness import CLK_TCK, PROXY_CORE, LOAD_CORE, log  # noqa: E402
-from report import f as fmt, med, rng  # noqa: E402  (the number formatting of bench/run.sh's report)
+from report import f as fmt, machine_section, med, rng  # noqa: E402  (the number formatting of bench/run.sh's report)
 
 # A 32-byte store key, base64 (benchmark value only, never a real secret).
 STORE_KEY = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="
@@ -421,11 +421,7 @@ def report(count, cost, facts, label):
     w("Produced by `bench/fleet.sh`. Part 1 counts token requests for fleets of replicas sharing a Redis store; "
       "part 2 compares the request path with the memory store and with the Redis store.")
     w("")
-    w("## Machine")
-    w("")
-    for k, v in facts.items():
-        w(f"- **{k}**: {v}")
-    w("")
+    machine_section(w, facts)
 
     if count:
         runs = count["runs"]

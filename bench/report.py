@@ -43,6 +43,15 @@ def ratio(a, b, nd=2):
     return f"{a / b:.{nd}f}×"
 
 
+def machine_section(w, facts):
+    """The `## Machine` section every bench report opens with: one line per fact."""
+    w("## Machine")
+    w("")
+    for k, v in facts.items():
+        w(f"- **{k}**: {v}")
+    w("")
+
+
 def main(raw_path, facts_path):
     d = json.load(open(raw_path))
     facts = json.load(open(facts_path))
